@@ -1,0 +1,93 @@
+"""What every command shares: option types, logging, running a coroutine, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from cluster.config import Address, Limits, parse_cluster
+from cluster.errors import ReplError
+from cluster.types import NodeId
+
+T = TypeVar("T")
+
+
+class AddressType(click.ParamType):
+    name = "HOST:PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Address:
+        if isinstance(value, Address):
+            return value
+        try:
+            return Address.parse(str(value))
+        except ReplError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class ClusterType(click.ParamType):
+    name = "ID=HOST:PORT,..."
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> dict[NodeId, Address]:
+        if isinstance(value, dict):
+            return value
+        try:
+            return parse_cluster(str(value))
+        except ReplError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+ADDRESS = AddressType()
+CLUSTER = ClusterType()
+
+
+def limit_options(f: Any) -> Any:
+    d = Limits()
+    f = click.option("--max-frame", type=click.IntRange(1024), default=d.max_frame,
+                     envvar="REPL_MAX_FRAME", show_default=True,
+                     help="Largest frame accepted, in bytes.")(f)
+    f = click.option("--max-key-size", type=click.IntRange(1), default=d.max_key,
+                     envvar="REPL_MAX_KEY_SIZE", show_default=True,
+                     help="Largest key, in bytes.")(f)
+    f = click.option("--max-value-size", type=click.IntRange(0), default=d.max_value,
+                     envvar="REPL_MAX_VALUE_SIZE", show_default=True,
+                     help="Largest value, in bytes.")(f)
+    return f
+
+
+def limits_from(max_frame: int, max_key_size: int, max_value_size: int) -> Limits:
+    return Limits(max_frame=max_frame, max_key=max_key_size, max_value=max_value_size)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed (the ``fast`` extra)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
+def fail(exc: BaseException, debug: bool) -> click.ClickException:
+    """A library error as one clear line (a traceback too with ``--debug``)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ReplError) and not text.startswith(exc.code):
+        text = f"{exc.code}: {text}"
+    return click.ClickException(text)

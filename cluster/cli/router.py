@@ -1,0 +1,69 @@
+"""``replrouter``: run the router."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cluster.cli.common import (
+    ADDRESS,
+    CLUSTER,
+    fail,
+    limit_options,
+    limits_from,
+    run_async,
+    setup_logging,
+)
+from cluster.config import Address, RouterConfig
+from cluster.errors import ReplError
+from cluster.router.server import Router
+from cluster.types import NodeId
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--listen", type=ADDRESS, required=True, envvar="REPL_LISTEN",
+              help="Address to listen on, HOST:PORT.")
+@click.option("--cluster", "cluster_map", type=CLUSTER, required=True, envvar="REPL_CLUSTER",
+              help="Every node: n1=HOST:PORT,n2=HOST:PORT,...")
+@click.option("--health-interval", type=click.FloatRange(0.001), default=0.2,
+              envvar="REPL_HEALTH_INTERVAL", show_default=True,
+              help="Seconds between health probes of each node.")
+@click.option("--node-timeout", type=click.FloatRange(0.01), default=1.0,
+              envvar="REPL_NODE_TIMEOUT", show_default=True,
+              help="A node that does not answer a probe within this many seconds is down.")
+@click.option("--max-lag", type=click.IntRange(0), default=10_000, envvar="REPL_MAX_LAG",
+              show_default=True, help="Slaves further behind than this many entries get no "
+              "reads.")
+@limit_options
+@click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
+def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: float,
+         node_timeout: float, max_lag: int, max_frame: int, max_key_size: int,
+         max_value_size: int, log_level: str, debug: bool) -> None:
+    """Run the replkv router: writes to the master, reads to a random live slave."""
+    setup_logging(log_level)
+    try:
+        config = RouterConfig(listen=listen, cluster=cluster_map,
+                              limits=limits_from(max_frame, max_key_size, max_value_size),
+                              health_interval=health_interval, node_timeout=node_timeout,
+                              max_lag=max_lag)
+        config.validate()
+    except ReplError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+    def ready(addr: Address) -> None:
+        click.echo(f"READY {addr}")
+        sys.stdout.flush()
+
+    try:
+        run_async(Router(config).run(ready))
+    except (ReplError, OSError) as exc:
+        raise fail(exc, debug) from exc
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""A pipelined request/reply connection: many requests in flight, replies matched by id.
+
+Used by the client library, the router (towards each node) and the tools. When the
+connection fails, every pending request fails with one :class:`NetworkError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+
+from cluster.config import Address, Limits
+from cluster.errors import NetworkError, ProtocolError, ReplError, RequestTimeout
+from cluster.net.stream import FramedStream
+from cluster.wire import codec
+from cluster.wire.messages import ErrorReply, Reply, Request
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(self, stream: FramedStream, address: Address) -> None:
+        self.address = address
+        self._stream = stream
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply | ErrorReply]] = {}
+        self._closed: ReplError | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, address: Address, limits: Limits | None = None,
+                   timeout: float = 3.0) -> Connection:
+        stream = await FramedStream.connect(address, limits or Limits(), timeout)
+        return cls(stream, address)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send(self, request: Request) -> asyncio.Future[Reply | ErrorReply]:
+        """Send now (pipelined) and return a future for the reply. ``request.id`` must come
+        from :meth:`next_id`."""
+        if self._closed is not None:
+            raise NetworkError(f"connection to {self.address} is closed: {self._closed}")
+        fut: asyncio.Future[Reply | ErrorReply] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = fut
+        self._stream.send(request)
+        return fut
+
+    async def call(self, request: Request, timeout: float = 10.0) -> Reply | ErrorReply:
+        fut = self.send(request)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            self._pending.pop(request.id, None)
+            raise RequestTimeout(
+                f"no reply from {self.address} within {timeout:g}s") from None
+
+    async def _read_loop(self) -> None:
+        error: ReplError = NetworkError(f"connection to {self.address} closed")
+        try:
+            async for payloads in self._stream.read_payloads():
+                for payload in payloads:
+                    msg = codec.decode(payload, self._stream.limits)
+                    if not isinstance(msg, Reply | ErrorReply):
+                        raise ProtocolError(f"{self.address} sent {type(msg).__name__}, "
+                                            "not a reply")
+                    fut = self._pending.pop(msg.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except ReplError as exc:
+            error = exc
+        except (OSError, ConnectionError) as exc:
+            error = NetworkError(f"connection to {self.address} failed: {exc}")
+        finally:
+            self._fail_all(error)
+            self._stream.writer.close()
+
+    def _fail_all(self, error: ReplError) -> None:
+        self._closed = error
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(NetworkError(str(error)) if not isinstance(
+                    error, NetworkError) else error)
+                fut.exception()  # mark retrieved: the caller may have given up
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self._stream.close()

@@ -1,0 +1,158 @@
+"""Configuration: frozen dataclasses built once by the CLI and passed down.
+
+Everything that parses a user-supplied string (an address, a cluster map) lives here and
+raises :class:`ConfigError` with a message that names the bad value.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from cluster.errors import ConfigError
+from cluster.types import NodeId
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6 literals)."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+        else:
+            host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"invalid address {text!r}: expected HOST:PORT")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"invalid port in address {text!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"port out of range in address {text!r}")
+        return cls(host, port)
+
+
+def parse_cluster(text: str) -> dict[NodeId, Address]:
+    """Parse ``n1=host:port,n2=host:port,...`` into an ordered map."""
+    nodes: dict[NodeId, Address] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, addr = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"invalid cluster member {item!r}: expected ID=HOST:PORT")
+        if not _NODE_ID.match(name):
+            raise ConfigError(f"invalid node id {name!r}: use letters, digits, '_', '.', '-'")
+        if name in nodes:
+            raise ConfigError(f"node id {name!r} appears twice in the cluster map")
+        nodes[NodeId(name)] = Address.parse(addr)
+    if not nodes:
+        raise ConfigError("the cluster map is empty: expected n1=HOST:PORT,n2=HOST:PORT,...")
+    return nodes
+
+
+def format_cluster(nodes: dict[NodeId, Address]) -> str:
+    return ",".join(f"{node}={addr}" for node, addr in nodes.items())
+
+
+class FsyncPolicy(enum.Enum):
+    ALWAYS = "always"  # fsync before replying; concurrent writes share one fsync
+    EVERYSEC = "everysec"  # fsync once a second in the background
+    NO = "no"  # leave it to the operating system
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Sizes enforced on everything that arrives from the network."""
+
+    max_frame: int = 8 * 1024 * 1024
+    max_key: int = 4 * 1024
+    max_value: int = 1024 * 1024
+
+    def validate(self) -> None:
+        if self.max_key < 1 or self.max_value < 0:
+            raise ConfigError("max key size must be >= 1 and max value size >= 0")
+        if self.max_frame < 1024:
+            raise ConfigError("max frame size must be at least 1024 bytes")
+        if self.max_key + self.max_value + 256 > self.max_frame:
+            raise ConfigError(
+                f"max frame size {self.max_frame} cannot hold a key of {self.max_key} "
+                f"and a value of {self.max_value} bytes"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: NodeId
+    listen: Address
+    data_dir: Path
+    cluster: dict[NodeId, Address]
+    master: NodeId
+    fsync: FsyncPolicy = FsyncPolicy.ALWAYS
+    limits: Limits = field(default_factory=Limits)
+    heartbeat_interval: float = 0.1  # seconds between heartbeats on an idle link
+    peer_timeout: float = 1.0  # a link silent this long is dead
+    snapshot_every: int = 100_000  # entries appended between snapshots
+    batch_entries: int = 2048  # most entries in one replication frame
+    window_entries: int = 32_768  # most entries sent to a slave and not yet acknowledged
+
+    def validate(self) -> None:
+        self.limits.validate()
+        if self.node_id not in self.cluster:
+            raise ConfigError(
+                f"node id {self.node_id!r} is not in the cluster map "
+                f"({', '.join(self.cluster)})"
+            )
+        if self.master not in self.cluster:
+            raise ConfigError(
+                f"master {self.master!r} is not in the cluster map ({', '.join(self.cluster)})"
+            )
+        if not 0 < self.heartbeat_interval < self.peer_timeout:
+            raise ConfigError("the heartbeat interval must be positive and below the peer timeout")
+        if self.snapshot_every < 1:
+            raise ConfigError("snapshot-every must be at least 1 entry")
+        if not 1 <= self.batch_entries <= self.window_entries:
+            raise ConfigError("batch size must be >= 1 and no larger than the window")
+
+    @property
+    def is_master(self) -> bool:
+        return self.node_id == self.master
+
+    @property
+    def majority(self) -> int:
+        return len(self.cluster) // 2 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    listen: Address
+    cluster: dict[NodeId, Address]
+    limits: Limits = field(default_factory=Limits)
+    health_interval: float = 0.2  # seconds between health probes of each node
+    node_timeout: float = 1.0  # a node that has not answered for this long is down
+    request_timeout: float = 10.0  # longest a forwarded request may take
+    max_lag: int = 10_000  # slaves further behind than this many entries get no reads
+    seed: int | None = None  # for the random choice of slave, in tests
+
+    def validate(self) -> None:
+        self.limits.validate()
+        if not 0 < self.health_interval < self.node_timeout:
+            raise ConfigError("the health interval must be positive and below the node timeout")
+        if self.request_timeout <= 0:
+            raise ConfigError("the request timeout must be positive")
+        if self.max_lag < 0:
+            raise ConfigError("max lag must be >= 0")

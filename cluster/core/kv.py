@@ -1,0 +1,36 @@
+"""The replicated map: the result of applying the log in order."""
+
+from __future__ import annotations
+
+import heapq
+
+from cluster.types import Entry, Op, Value
+
+
+class KV:
+    __slots__ = ("data", "applied")
+
+    def __init__(self, data: dict[str, Value] | None = None, applied: int = 0) -> None:
+        self.data: dict[str, Value] = data if data is not None else {}
+        self.applied = applied
+
+    def apply(self, entry: Entry) -> None:
+        if entry.index != self.applied + 1:
+            raise ValueError(f"applying entry {entry.index} after {self.applied}")
+        if entry.op is Op.SET:
+            assert entry.value is not None
+            self.data[entry.key] = entry.value
+        else:
+            self.data.pop(entry.key, None)
+        self.applied = entry.index
+
+    def get(self, key: str) -> Value | None:
+        return self.data.get(key)
+
+    def scan(self, after: str | None, limit: int) -> tuple[list[tuple[str, Value]], bool]:
+        """Up to ``limit`` items with keys sorted and greater than ``after``; and whether more
+        remain."""
+        keys = self.data.keys() if after is None else (k for k in self.data if k > after)
+        page = heapq.nsmallest(limit + 1, keys)
+        more = len(page) > limit
+        return [(k, self.data[k]) for k in page[:limit]], more

@@ -1,0 +1,163 @@
+"""Every error replkv raises, as one tree.
+
+Errors that cross the wire carry a ``code``; :func:`error_for_code` turns a code received
+from a server back into the matching class, so clients can catch by class and check
+``retriable`` before retrying.
+"""
+
+from __future__ import annotations
+
+
+class ReplError(Exception):
+    """Base of every replkv error."""
+
+    code = "error"
+    retriable = False
+
+
+class ConfigError(ReplError):
+    code = "config"
+
+
+# --- protocol: the bytes on the wire are wrong ---------------------------------------------
+
+
+class ProtocolError(ReplError):
+    """A frame or message that does not follow docs/PROTOCOL.md."""
+
+    code = "protocol"
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+
+
+class BadFrame(ProtocolError):
+    """The frame's payload is not one msgpack map."""
+
+    code = "bad_frame"
+
+
+class BadRequest(ProtocolError):
+    """A well-formed map with a missing field or a field of the wrong type or size."""
+
+    code = "bad_request"
+
+
+class UnknownOp(ProtocolError):
+    code = "unknown_op"
+
+
+class TooLarge(BadRequest):
+    """A key or value over the configured limit."""
+
+    code = "too_large"
+
+
+# --- the request was understood but cannot be served here and now ---------------------------
+
+
+class RequestFailed(ReplError):
+    """The server understood the request and refused it."""
+
+
+class NotMaster(RequestFailed):
+    code = "not_master"
+    retriable = True
+
+
+class Unavailable(RequestFailed):
+    """No node that could serve the request is reachable."""
+
+    code = "unavailable"
+    retriable = True
+
+
+class NoQuorum(RequestFailed):
+    """The master cannot reach a majority, so it cannot promise ``acks=majority``."""
+
+    code = "no_quorum"
+    retriable = True
+
+
+class Behind(RequestFailed):
+    """The node has not yet applied the index the read asked for."""
+
+    code = "behind"
+    retriable = True
+
+
+class StaleEpoch(RequestFailed):
+    """A message from an epoch older than the receiver's: a deposed master."""
+
+    code = "stale_epoch"
+    retriable = True
+
+
+class StorageFailure(RequestFailed):
+    """The write could not be made durable (a full disk, say); nothing was applied."""
+
+    code = "storage"
+
+
+class RequestTimeout(RequestFailed):
+    code = "timeout"
+    retriable = True
+
+
+class ShuttingDown(RequestFailed):
+    code = "shutting_down"
+    retriable = True
+
+
+class InternalError(RequestFailed):
+    code = "internal"
+
+
+# --- network and storage on this side ----------------------------------------------------------
+
+
+class NetworkError(ReplError):
+    """The connection failed or closed before the reply arrived."""
+
+    code = "network"
+    retriable = True
+
+
+class CorruptLog(ReplError):
+    """A damaged record in the middle of the write-ahead log or a damaged snapshot."""
+
+    code = "corrupt_log"
+
+
+_BY_CODE: dict[str, type[ReplError]] = {
+    cls.code: cls
+    for cls in (
+        ProtocolError,
+        FrameTooLarge,
+        BadFrame,
+        BadRequest,
+        UnknownOp,
+        TooLarge,
+        NotMaster,
+        Unavailable,
+        NoQuorum,
+        Behind,
+        StaleEpoch,
+        StorageFailure,
+        RequestTimeout,
+        ShuttingDown,
+        InternalError,
+    )
+}
+
+WIRE_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+
+
+def error_for_code(code: str, message: str) -> ReplError:
+    """The exception for an error reply received from a server."""
+    cls = _BY_CODE.get(code, RequestFailed)
+    err = cls(f"{code}: {message}")
+    if cls is RequestFailed:
+        err.code = code
+    return err

@@ -1,0 +1,1 @@
+"""asyncio plumbing shared by the node, the router and the client."""

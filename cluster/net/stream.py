@@ -1,0 +1,97 @@
+"""Framed message streams over asyncio, and the one way replkv reads frames from a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from cluster.config import Address, Limits
+from cluster.errors import NetworkError
+from cluster.wire import codec
+from cluster.wire.framing import FrameDecoder
+from cluster.wire.messages import Message
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 4 * 1024 * 1024  # pause reading a connection whose replies pile up unread
+
+
+class FramedStream:
+    """One TCP connection carrying frames in both directions."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 limits: Limits) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.limits = limits
+        self._decoder = FrameDecoder(limits.max_frame)
+        self._frames: list[bytes] = []
+        self.peer = _peer_name(writer)
+
+    @classmethod
+    async def connect(cls, addr: Address, limits: Limits, timeout: float) -> FramedStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(addr.host, addr.port,
+                                                               limit=READ_SIZE)
+        except (OSError, TimeoutError) as exc:
+            raise NetworkError(f"cannot connect to {addr}: {exc or 'timed out'}") from exc
+        return cls(reader, writer, limits)
+
+    async def read_payloads(self) -> AsyncIterator[list[bytes]]:
+        """Yield the complete frame payloads in each chunk read, until the peer closes.
+
+        Raises :class:`~cluster.errors.FrameTooLarge` from the decoder."""
+        if self._frames:
+            yield self.take_buffered()
+        while True:
+            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+                await self.writer.drain()
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                if self._decoder.buffered:
+                    raise NetworkError(f"{self.peer} closed the connection mid-frame")
+                return
+            frames = self._decoder.feed(data)
+            if frames:
+                yield frames
+
+    async def read_message(self) -> Message:
+        """The next whole message (for request/reply exchanges, not bulk streams)."""
+        while not self._frames:
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise NetworkError(f"{self.peer} closed the connection")
+            self._frames.extend(self._decoder.feed(data))
+        return codec.decode(self._frames.pop(0), self.limits)
+
+    def take_buffered(self) -> list[bytes]:
+        """Frames already read by :meth:`read_message` but not yet returned."""
+        frames, self._frames = self._frames, []
+        return frames
+
+    def send(self, msg: Message) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(codec.frame(msg))
+
+    def send_raw(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.writer.wait_closed()
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)

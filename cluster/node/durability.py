@@ -1,0 +1,63 @@
+"""Group commit: writes reach the OS at once; one fsync covers every write made before it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from cluster.config import FsyncPolicy
+from cluster.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Durability:
+    def __init__(self, store: Store, policy: FsyncPolicy,
+                 on_durable: Callable[[int], None]) -> None:
+        self._store = store
+        self._policy = policy
+        self._on_durable = on_durable
+        self.written = store.log.last_index
+        self.durable = self.written
+        self._dirty = asyncio.Event()
+
+    def wrote(self, index: int) -> None:
+        """Entries up to ``index`` were written to the OS."""
+        self.written = index
+        if self._policy is FsyncPolicy.ALWAYS:
+            self._dirty.set()
+        else:
+            self._advance(index)
+
+    def reset(self, index: int) -> None:
+        """The log was cut or replaced and is durable up to ``index``."""
+        self.written = self.durable = index
+
+    def _advance(self, index: int) -> None:
+        if index > self.durable:
+            self.durable = index
+            self._on_durable(index)
+
+    async def run(self) -> None:
+        """Sync in the background; an fsync error stops the node (the data on disk can no
+        longer be trusted to match what was acknowledged)."""
+        if self._policy is FsyncPolicy.ALWAYS:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                target = self.written
+                await asyncio.to_thread(self._store.sync)
+                self._advance(target)
+        elif self._policy is FsyncPolicy.EVERYSEC:
+            synced = self.written
+            while True:
+                await asyncio.sleep(1.0)
+                if self.written != synced:
+                    synced = self.written
+                    await asyncio.to_thread(self._store.sync)
+
+    async def flush(self) -> None:
+        """Make everything written so far durable (at shutdown)."""
+        await asyncio.to_thread(self._store.sync)
+        self._advance(self.written)

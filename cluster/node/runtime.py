@@ -1,0 +1,248 @@
+"""One data node: recover the store, take the role, serve clients and replication."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cluster.config import Address, NodeConfig
+from cluster.errors import (
+    BadRequest,
+    Behind,
+    FrameTooLarge,
+    InternalError,
+    NetworkError,
+    NoQuorum,
+    ProtocolError,
+    ShuttingDown,
+)
+from cluster.net.stream import FramedStream
+from cluster.node.durability import Durability
+from cluster.node.master import MasterRole, not_master
+from cluster.node.slave import SlaveRole
+from cluster.storage.store import Store
+from cluster.types import Consistency
+from cluster.wire import codec
+from cluster.wire.messages import (
+    Delete,
+    ErrorReply,
+    Get,
+    Message,
+    Ping,
+    Reply,
+    Scan,
+    Set,
+    Status,
+    Sync,
+)
+
+log = logging.getLogger(__name__)
+
+Role = MasterRole | SlaveRole
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self._stop = asyncio.Event()
+        self._streams: set[FramedStream] = set()
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self.address: Address | None = None
+        self._draining = False
+        # set in run(), once the store is recovered
+        self.store: Store
+        self.durability: Durability
+        self.role: Role
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Address], None] = lambda a: None) -> None:
+        cfg = self.config
+        self.store = await asyncio.to_thread(Store.open, cfg.data_dir, cfg.node_id)
+        try:
+            await self._serve(on_ready)
+        finally:
+            self.store.close()
+
+    async def _serve(self, on_ready: Callable[[Address], None]) -> None:
+        cfg = self.config
+        if cfg.is_master:
+            epoch = self.store.epoch + 1
+            self.store.set_epoch(epoch)
+            log.info("%s starts as master in epoch %d at index %d", cfg.node_id, epoch,
+                     self.store.log.last_index)
+        else:
+            log.info("%s starts as slave of %s at index %d (epoch %d)", cfg.node_id,
+                     cfg.master, self.store.log.last_index, self.store.epoch)
+        self.durability = Durability(self.store, cfg.fsync, self._on_durable)
+        self.role = MasterRole(self) if cfg.is_master else SlaveRole(self)
+        server = await asyncio.start_server(self._handle, cfg.listen.host, cfg.listen.port,
+                                            limit=256 * 1024, reuse_address=True)
+        sock = server.sockets[0].getsockname()
+        self.address = Address(cfg.listen.host, sock[1])
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        on_ready(self.address)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                durability = tg.create_task(self.durability.run(), name="durability")
+                role = tg.create_task(self.role.run(), name="role")
+                await self._stop.wait()
+                log.info("%s shutting down", cfg.node_id)
+                server.close()
+                self._draining = True
+                role.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self.durability.flush()
+                durability.cancel()
+                if self._snapshot_task is not None:
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                        async with asyncio.timeout(10.0):
+                            await self._snapshot_task
+        finally:
+            server.close()
+            for stream in list(self._streams):
+                await stream.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.wait_closed()
+
+    # --- durability and snapshots -------------------------------------------------------------
+
+    def _on_durable(self, index: int) -> None:
+        self.role.on_durable(index)
+
+    def maybe_snapshot(self) -> None:
+        if self.store.snapshot_due(self.config.snapshot_every) and not self._draining:
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot())
+
+    async def _snapshot(self) -> None:
+        store = self.store
+        job = store.begin_snapshot()
+        try:
+            await asyncio.to_thread(store.write_snapshot, job)
+        except OSError:
+            store.abort_snapshot()
+            log.exception("snapshot at index %d failed; will retry later", job.meta.index)
+            return
+        store.finish_snapshot(job)
+
+    # --- client connections ------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = FramedStream(reader, writer, self.config.limits)
+        self._streams.add(stream)
+        try:
+            await self._serve_stream(stream)
+        except FrameTooLarge as exc:
+            log.warning("closing %s: %s", stream.peer, exc)
+            stream.send(ErrorReply(0, exc.code, str(exc)))
+        except (NetworkError, OSError, ConnectionError):
+            pass
+        finally:
+            self._streams.discard(stream)
+            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stream.drain()
+            await stream.close()
+
+    async def _serve_stream(self, stream: FramedStream) -> None:
+        limits = self.config.limits
+        async for payloads in stream.read_payloads():
+            for payload in payloads:
+                try:
+                    msg = codec.decode(payload, limits)
+                except ProtocolError as exc:
+                    log.warning("closing %s: %s", stream.peer, exc)
+                    stream.send(ErrorReply(codec.request_id_of(exc) or 0, exc.code, str(exc)))
+                    return
+                if isinstance(msg, Sync):
+                    if isinstance(self.role, MasterRole):
+                        await self.role.replicate(stream, msg)
+                    else:
+                        stream.send(not_master(msg.id, self.config.master))
+                    return
+                reply = self.dispatch(msg, stream)
+                if reply is not None:
+                    stream.send(reply)
+                    if isinstance(reply, ErrorReply) and reply.code == BadRequest.code:
+                        return
+
+    def dispatch(self, msg: Message, stream: FramedStream) -> Reply | ErrorReply | None:
+        """Answer one request, or return None when the reply will be sent later."""
+        try:
+            match msg:
+                case Get():
+                    return self._get(msg)
+                case Set() | Delete():
+                    if self._draining:
+                        raise ShuttingDown("the node is shutting down")
+                    if isinstance(self.role, MasterRole):
+                        return self.role.write(msg, stream)
+                    return not_master(msg.id, self.config.master)
+                case Scan(id=rid, after=after, limit=limit):
+                    items, more = self.store.kv.scan(after, limit)
+                    return Reply(rid, {"items": [list(i) for i in items], "more": more,
+                                       "index": self.store.kv.applied,
+                                       "node": self.config.node_id})
+                case Status(id=rid):
+                    return Reply(rid, self.status())
+                case Ping(id=rid):
+                    return Reply(rid, {"node": self.config.node_id, "role": self.role.name})
+            return ErrorReply(getattr(msg, "id", 0), BadRequest.code,
+                              f"{type(msg).__name__} is not a request a node serves")
+        except (Behind, NoQuorum, ShuttingDown) as exc:
+            return ErrorReply(msg.id, exc.code, str(exc))  # type: ignore[union-attr]
+        except Exception as exc:  # a bug must not take the node down for everyone
+            log.exception("internal error serving %r", msg)
+            return ErrorReply(getattr(msg, "id", 0), InternalError.code, str(exc))
+
+    def _get(self, msg: Get) -> Reply | ErrorReply:
+        kv = self.store.kv
+        if msg.consistency is Consistency.STRONG:
+            if not isinstance(self.role, MasterRole):
+                return not_master(msg.id, self.config.master)
+            self.role.confirm_strong()
+        if kv.applied < msg.min_index:
+            raise Behind(f"{self.config.node_id} has applied {kv.applied}, "
+                         f"the read needs {msg.min_index}")
+        value = kv.get(msg.key)
+        fields: dict[str, Any] = {"found": value is not None, "index": kv.applied,
+                                  "node": self.config.node_id}
+        if value is not None:
+            fields["value"] = value
+        return Reply(msg.id, fields)
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.config
+        store = self.store
+        out: dict[str, Any] = {
+            "node": cfg.node_id,
+            "role": self.role.name,
+            "address": str(cfg.cluster[cfg.node_id]),
+            "master": cfg.master,
+            "epoch": store.epoch if isinstance(self.role, SlaveRole) else self.role.core.epoch,
+            "last_index": store.log.last_index,
+            "applied_index": store.kv.applied,
+            "durable_index": self.durability.durable,
+            "snapshot_index": store.snapshot_index,
+            "log_first_index": store.log.base + 1,
+            "keys": len(store.kv.data),
+            "fsync": cfg.fsync.value,
+            "time_ms": self.now_ms(),
+        }
+        out.update(self.role.status())
+        return out

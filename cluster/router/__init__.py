@@ -1,0 +1,1 @@
+"""The router: writes to the master, reads to a random live slave."""

@@ -1,0 +1,254 @@
+"""The router process: probes every node, forwards each request to the right one, and
+relays the reply on the client's connection (pipelining preserved: replies are matched by
+id and forwarded as they come)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cluster.client.connection import Connection
+from cluster.config import Address, RouterConfig
+from cluster.errors import (
+    BadRequest,
+    Behind,
+    FrameTooLarge,
+    NetworkError,
+    NotMaster,
+    ProtocolError,
+    ReplError,
+    Unavailable,
+)
+from cluster.net.stream import FramedStream
+from cluster.router.table import RoutingTable
+from cluster.types import Consistency, NodeId
+from cluster.wire import codec
+from cluster.wire.messages import (
+    Delete,
+    ErrorReply,
+    Get,
+    Ping,
+    Reply,
+    Request,
+    Scan,
+    Set,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        config.validate()
+        self.config = config
+        self.table = RoutingTable(config.cluster, config.max_lag, random.Random(config.seed))
+        self._links: dict[NodeId, Connection] = {}
+        self._stop = asyncio.Event()
+        self._streams: set[FramedStream] = set()
+        self.address: Address | None = None
+        self._probed: set[NodeId] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._first_round = asyncio.Event()
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Address], None] = lambda a: None) -> None:
+        cfg = self.config
+        server = await asyncio.start_server(self._handle, cfg.listen.host, cfg.listen.port,
+                                            limit=256 * 1024, reuse_address=True)
+        self.address = Address(cfg.listen.host, server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                probes = [tg.create_task(self._probe_loop(n)) for n in cfg.cluster]
+                # one round of probes tells where the master is before clients arrive
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(cfg.node_timeout * 2):
+                        await self._first_round.wait()
+                on_ready(self.address)
+                await self._stop.wait()
+                server.close()
+                for t in probes:
+                    t.cancel()
+        finally:
+            server.close()
+            for stream in list(self._streams):
+                await stream.close()
+            for conn in self._links.values():
+                await conn.close()
+
+    # --- health ------------------------------------------------------------------------------
+
+    async def _probe_loop(self, node: NodeId) -> None:
+        cfg = self.config
+        addr = cfg.cluster[node]
+        while True:
+            started = time.monotonic()
+            try:
+                conn = self._links.get(node)
+                if conn is None or conn.closed:
+                    conn = await Connection.open(addr, cfg.limits, timeout=cfg.node_timeout)
+                    self._links[node] = conn
+                reply = await conn.call(Status(conn.next_id()), timeout=cfg.node_timeout)
+                if isinstance(reply, ErrorReply):
+                    raise ReplError(f"{reply.code}: {reply.message}")
+                assert isinstance(reply, Reply)
+                was_up = self.table.views[node].up
+                self.table.update(node, reply.fields, self.now_ms())
+                if not was_up:
+                    log.info("node %s at %s is up (%s)", node, addr, reply.fields.get("role"))
+            except (ReplError, OSError) as exc:
+                if self.table.failed(node, str(exc)):
+                    log.warning("node %s at %s is down: %s", node, addr, exc)
+                conn = self._links.pop(node, None)
+                if conn is not None:
+                    await conn.close()
+            self._probed.add(node)
+            if len(self._probed) == len(cfg.cluster):
+                self._first_round.set()
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, cfg.health_interval - elapsed))
+
+    def _node_failed(self, node: NodeId, conn: Connection, error: str) -> None:
+        """A forwarded request saw the link die: the node is down until a probe says not."""
+        if self._links.get(node) is conn:
+            del self._links[node]
+        if self.table.failed(node, error):
+            log.warning("node %s is down: %s", node, error)
+
+    # --- clients -----------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = FramedStream(reader, writer, self.config.limits)
+        self._streams.add(stream)
+        try:
+            async for payloads in stream.read_payloads():
+                for payload in payloads:
+                    try:
+                        msg = codec.decode(payload, self.config.limits)
+                    except ProtocolError as exc:
+                        log.warning("closing %s: %s", stream.peer, exc)
+                        stream.send(ErrorReply(codec.request_id_of(exc) or 0, exc.code,
+                                               str(exc)))
+                        return
+                    if not self._route(msg, stream):
+                        return
+        except FrameTooLarge as exc:
+            log.warning("closing %s: %s", stream.peer, exc)
+            stream.send(ErrorReply(0, exc.code, str(exc)))
+        except (NetworkError, OSError, ConnectionError):
+            pass
+        finally:
+            self._streams.discard(stream)
+            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stream.drain()
+            await stream.close()
+
+    def _route(self, msg: Any, stream: FramedStream) -> bool:
+        """Forward or answer one request; False when the connection must close."""
+        match msg:
+            case Set() | Delete():
+                master = self.table.master()
+                if master is None:
+                    stream.send(ErrorReply(msg.id, Unavailable.code,
+                                           "no master is reachable; the write was not applied"))
+                else:
+                    self._forward(msg, master, stream, frozenset())
+            case Get() | Scan():
+                self._read(msg, stream, frozenset())
+            case Status(id=rid):
+                task = asyncio.get_running_loop().create_task(self._status(rid, stream))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            case Ping(id=rid):
+                stream.send(Reply(rid, {"node": "router", "role": "router"}))
+            case _:
+                stream.send(ErrorReply(getattr(msg, "id", 0), BadRequest.code,
+                                       f"{type(msg).__name__} is not a request the router serves"))
+                return False
+        return True
+
+    async def _status(self, rid: int, stream: FramedStream) -> None:
+        """Answer ``status`` from a fresh probe of every node the router is connected to."""
+        async def probe(node: NodeId, conn: Connection) -> None:
+            try:
+                reply = await conn.call(Status(conn.next_id()), timeout=self.config.node_timeout)
+            except ReplError as exc:
+                self._node_failed(node, conn, str(exc))
+                return
+            if isinstance(reply, Reply):
+                self.table.update(node, reply.fields, self.now_ms())
+
+        await asyncio.gather(*(probe(n, c) for n, c in list(self._links.items())))
+        stream.send(Reply(rid, {"router": str(self.address), "master": self.table.master(),
+                                "nodes": self.table.view()}))
+
+    def _read(self, msg: Get | Scan, stream: FramedStream, tried: frozenset[NodeId]) -> None:
+        if isinstance(msg, Get) and msg.consistency is Consistency.STRONG:
+            node = self.table.master() if not tried else None
+        else:
+            min_index = msg.min_index if isinstance(msg, Get) else 0
+            node = self.table.pick_read(min_index, tried)
+        if node is None:
+            stream.send(ErrorReply(msg.id, Unavailable.code,
+                                   "no node that can serve this read is reachable"))
+            return
+        self._forward(msg, node, stream, tried)
+
+    def _forward(self, msg: Request, node: NodeId, stream: FramedStream,
+                 tried: frozenset[NodeId]) -> None:
+        conn = self._links.get(node)
+        if conn is None or conn.closed:
+            self.table.failed(node, "no connection")
+            self._retry_or_fail(msg, node, stream, tried, "no connection to the node")
+            return
+        fut = conn.send(dataclasses.replace(msg, id=conn.next_id()))
+
+        def done(f: asyncio.Future[Reply | ErrorReply]) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                self._node_failed(node, conn, str(exc))
+                self._retry_or_fail(msg, node, stream, tried, str(exc))
+                return
+            reply = f.result()
+            if isinstance(reply, ErrorReply):
+                if reply.code in (Behind.code, NotMaster.code) and isinstance(msg, Get | Scan):
+                    self._retry_or_fail(msg, node, stream, tried, reply.message)
+                    return
+                stream.send(dataclasses.replace(reply, id=msg.id))
+                return
+            if "index" in reply.fields and isinstance(msg, Get | Scan):
+                self.table.applied(node, int(reply.fields["index"]))
+            stream.send(Reply(msg.id, reply.fields))
+
+        fut.add_done_callback(done)
+
+    def _retry_or_fail(self, msg: Request, node: NodeId, stream: FramedStream,
+                       tried: frozenset[NodeId], why: str) -> None:
+        tried = tried | {node}
+        if isinstance(msg, Get | Scan) and len(tried) < len(self.config.cluster):
+            self._read(msg, stream, tried)
+            return
+        what = "the write may or may not have been applied" if isinstance(
+            msg, Set | Delete) else "the read failed"
+        stream.send(ErrorReply(msg.id, Unavailable.code, f"node {node} failed ({why}); {what}"))

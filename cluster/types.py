@@ -1,0 +1,47 @@
+"""The data model shared by every layer: identifiers and the log entry."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NewType
+
+NodeId = NewType("NodeId", str)
+LogIndex = NewType("LogIndex", int)
+Epoch = NewType("Epoch", int)
+
+Value = bytes | str
+"""A value is stored exactly as the client sent it: a msgpack str or bin."""
+
+
+class Op(enum.Enum):
+    SET = "set"
+    DELETE = "del"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One write in the replicated log. ``index`` increases by one per entry."""
+
+    index: int
+    epoch: int
+    ts: int  # wall-clock milliseconds on the master when the entry was created
+    op: Op
+    key: str
+    value: Value | None  # None for deletes
+
+    def size(self) -> int:
+        """A cheap estimate of the entry's encoded size in bytes, for batching."""
+        return 32 + len(self.key) + (len(self.value) if self.value is not None else 0)
+
+
+class Acks(enum.Enum):
+    """How many copies a write needs before the master replies."""
+
+    ASYNC = "async"  # durable on the master (per its fsync policy)
+    MAJORITY = "majority"  # durable on a majority of the cluster
+
+
+class Consistency(enum.Enum):
+    ANY = "any"  # any live slave within the router's lag bound
+    STRONG = "strong"  # the master, after it confirms it still leads a majority

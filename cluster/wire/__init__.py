@@ -1,0 +1,1 @@
+"""The wire protocol: framing, messages and the msgpack codec. No I/O here."""

@@ -1,0 +1,357 @@
+"""msgpack encoding and validation of every message. The only module that imports msgpack.
+
+``decode`` turns a frame's payload into a typed message or raises a
+:class:`~cluster.errors.ProtocolError` whose ``request_id`` is set when the payload was a
+map with a usable ``id``, so the server can address its error reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import msgpack
+
+from cluster.config import Limits
+from cluster.errors import BadFrame, BadRequest, ProtocolError, TooLarge, UnknownOp
+from cluster.types import Acks, Consistency, Entry, Op
+from cluster.wire.framing import encode_frame
+from cluster.wire.messages import (
+    Ack,
+    Append,
+    Delete,
+    ErrorReply,
+    Get,
+    Message,
+    Ping,
+    Reply,
+    Scan,
+    Set,
+    SnapshotChunk,
+    Status,
+    Sync,
+)
+
+MAX_ID = 2**63 - 1
+_OPS = {Op.SET.value: Op.SET, Op.DELETE.value: Op.DELETE}
+
+
+def _packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True)
+
+
+_pack: Callable[[Any], bytes] = _packer().pack
+
+
+def _unpack(payload: bytes) -> Any:
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def entry_to_wire(e: Entry) -> list[Any]:
+    return [e.index, e.epoch, e.ts, e.op.value, e.key, e.value]
+
+
+def to_wire(msg: Message) -> dict[str, Any]:
+    """The msgpack map for a message, before packing."""
+    match msg:
+        case Set(id=i, key=k, value=v, acks=a):
+            out: dict[str, Any] = {"op": "set", "id": i, "key": k, "value": v}
+            if a is not Acks.ASYNC:
+                out["acks"] = a.value
+            return out
+        case Delete(id=i, key=k, acks=a):
+            out = {"op": "delete", "id": i, "key": k}
+            if a is not Acks.ASYNC:
+                out["acks"] = a.value
+            return out
+        case Get(id=i, key=k, min_index=m, consistency=c):
+            out = {"op": "get", "id": i, "key": k}
+            if m:
+                out["min_index"] = m
+            if c is not Consistency.ANY:
+                out["consistency"] = c.value
+            return out
+        case Scan(id=i, after=after, limit=limit):
+            return {"op": "scan", "id": i, "after": after, "limit": limit}
+        case Status(id=i):
+            return {"op": "status", "id": i}
+        case Ping(id=i):
+            return {"op": "ping", "id": i}
+        case Sync(id=i, node=n, epoch=ep, last_index=li, epochs=eps):
+            return {
+                "op": "sync",
+                "id": i,
+                "node": n,
+                "epoch": ep,
+                "last_index": li,
+                "epochs": [list(p) for p in eps],
+            }
+        case Append(epoch=ep, prev_index=pi, prev_epoch=pe, entries=es, commit=c):
+            return {
+                "op": "append",
+                "epoch": ep,
+                "prev_index": pi,
+                "prev_epoch": pe,
+                "entries": [entry_to_wire(e) for e in es],
+                "commit": c,
+            }
+        case SnapshotChunk(epoch=ep, index=ix, offset=off, data=d, done=done):
+            return {"op": "snapshot", "epoch": ep, "index": ix, "offset": off, "data": d,
+                    "done": done}
+        case Ack(epoch=ep, index=ix):
+            return {"op": "ack", "epoch": ep, "index": ix}
+        case Reply(id=i, fields=f):
+            return {**f, "id": i, "ok": True}
+        case ErrorReply(id=i, code=code, message=text, master=master):
+            out = {"id": i, "ok": False, "code": code, "message": text}
+            if master is not None:
+                out["master"] = master
+            return out
+    raise TypeError(f"not a message: {msg!r}")  # pragma: no cover
+
+
+def encode(msg: Message) -> bytes:
+    """The msgpack payload of ``msg`` (no length prefix)."""
+    return _pack(to_wire(msg))
+
+
+def frame(msg: Message) -> bytes:
+    """``msg`` as a complete frame, ready for the socket."""
+    return encode_frame(_pack(to_wire(msg)))
+
+
+def frame_map(data: dict[str, Any]) -> bytes:
+    """A raw map as a complete frame (the router relays replies it does not interpret)."""
+    return encode_frame(_pack(data))
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def _fail(cls: type[ProtocolError], text: str, request_id: int | None) -> NoReturn:
+    err = cls(text)
+    err.request_id = request_id  # type: ignore[attr-defined]
+    raise err
+
+
+def request_id_of(err: BaseException) -> int | None:
+    """The request id a decoding error belongs to, when it could be read."""
+    rid = getattr(err, "request_id", None)
+    return rid if isinstance(rid, int) else None
+
+
+class _Fields:
+    """Typed access to a decoded map, raising BadRequest that names the field."""
+
+    __slots__ = ("_m", "_rid", "_op")
+
+    def __init__(self, m: dict[Any, Any], rid: int | None, op: str) -> None:
+        self._m = m
+        self._rid = rid
+        self._op = op
+
+    def bad(self, text: str, cls: type[ProtocolError] = BadRequest) -> NoReturn:
+        _fail(cls, f"{self._op}: {text}", self._rid)
+
+    def int(self, name: str, default: int | None = None, lo: int = 0, hi: int = MAX_ID) -> int:
+        v = self._m.get(name, default)
+        if v is None:
+            self.bad(f"missing field {name!r}")
+        if type(v) is not int:
+            self.bad(f"field {name!r} must be an integer, not {type(v).__name__}")
+        if not lo <= v <= hi:
+            self.bad(f"field {name!r} out of range [{lo}, {hi}]")
+        return v
+
+    def bool(self, name: str) -> bool:
+        v = self._m.get(name)
+        if type(v) is not bool:
+            self.bad(f"field {name!r} must be a boolean")
+        return v
+
+    def str(self, name: str, optional: bool = False) -> str | None:
+        v = self._m.get(name)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            self.bad(f"field {name!r} must be a string")
+        return v
+
+    def key(self, limits: Limits, name: str = "key") -> str:
+        v = self.str(name)
+        assert v is not None
+        if len(v) > limits.max_key or len(v.encode()) > limits.max_key:
+            self.bad(f"{name} is longer than the limit of {limits.max_key} bytes", TooLarge)
+        return v
+
+    def value(self, limits: Limits) -> bytes | str:
+        v = self._m.get("value")
+        if not isinstance(v, bytes | str):
+            self.bad("field 'value' must be a string or binary")
+        if len(v) > limits.max_value or (isinstance(v, str) and len(v.encode()) > limits.max_value):
+            self.bad(f"value is longer than the limit of {limits.max_value} bytes", TooLarge)
+        return v
+
+    def enum(self, name: str, cls: type[Acks] | type[Consistency], default: Any) -> Any:
+        v = self._m.get(name)
+        if v is None:
+            return default
+        try:
+            return cls(v)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in cls)
+            self.bad(f"field {name!r} must be one of {allowed}")
+
+    def bytes(self, name: str) -> bytes:
+        v = self._m.get(name)
+        if not isinstance(v, bytes):
+            self.bad(f"field {name!r} must be binary")
+        return v
+
+    def list(self, name: str) -> list[Any]:
+        v = self._m.get(name)
+        if not isinstance(v, list):
+            self.bad(f"field {name!r} must be an array")
+        return v
+
+
+def entry_from_wire(raw: Any) -> Entry:
+    """An entry from its 6-element array; raises BadRequest when it is not one."""
+    if not isinstance(raw, list) or len(raw) != 6:
+        raise BadRequest("an entry must be an array of 6 items")
+    index, epoch, ts, op, key, value = raw
+    if type(index) is not int or type(epoch) is not int or type(ts) is not int:
+        raise BadRequest("entry index, epoch and ts must be integers")
+    if index < 1 or epoch < 0:
+        raise BadRequest("entry index must be >= 1 and epoch >= 0")
+    kind = _OPS.get(op) if isinstance(op, str) else None
+    if kind is None:
+        raise BadRequest(f"unknown entry op {op!r}")
+    if not isinstance(key, str):
+        raise BadRequest("entry key must be a string")
+    if kind is Op.SET and not isinstance(value, bytes | str):
+        raise BadRequest("a set entry's value must be a string or binary")
+    if kind is Op.DELETE and value is not None:
+        raise BadRequest("a delete entry's value must be nil")
+    return Entry(index, epoch, ts, kind, key, value)
+
+
+def _epochs(f: _Fields, raw: list[Any]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for pair in raw:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(type(x) is int and x >= 0 for x in pair)
+        ):
+            f.bad("epochs must be an array of [epoch, first_index] integer pairs")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def decode(payload: bytes, limits: Limits) -> Message:
+    """Decode and validate one frame's payload."""
+    try:
+        m = _unpack(payload)
+    except Exception as exc:  # msgpack raises many unrelated types for bad input
+        _fail(BadFrame, f"payload is not valid msgpack: {exc}", None)
+    if not isinstance(m, dict):
+        _fail(BadFrame, f"payload must be a msgpack map, not {type(m).__name__}", None)
+    rid_raw = m.get("id")
+    rid = rid_raw if type(rid_raw) is int and 0 <= rid_raw <= MAX_ID else None
+    op = m.get("op")
+    if op is None and "ok" in m:
+        return _decode_reply(m, rid)
+    f = _Fields(m, rid, str(op))
+    if not isinstance(op, str):
+        _fail(BadRequest, "field 'op' must be a string", rid)
+    match op:
+        case "set":
+            return Set(f.int("id"), f.key(limits), f.value(limits),
+                       f.enum("acks", Acks, Acks.ASYNC))
+        case "delete":
+            return Delete(f.int("id"), f.key(limits), f.enum("acks", Acks, Acks.ASYNC))
+        case "get":
+            return Get(f.int("id"), f.key(limits), f.int("min_index", 0),
+                       f.enum("consistency", Consistency, Consistency.ANY))
+        case "scan":
+            after = f.str("after", optional=True)
+            if after is not None and len(after.encode()) > limits.max_key:
+                f.bad(f"'after' is longer than the limit of {limits.max_key} bytes", TooLarge)
+            return Scan(f.int("id"), after, f.int("limit", 1000, lo=1, hi=100_000))
+        case "status":
+            return Status(f.int("id"))
+        case "ping":
+            return Ping(f.int("id"))
+        case "sync":
+            node = f.str("node")
+            assert node is not None
+            return Sync(f.int("id"), node, f.int("epoch"), f.int("last_index"),
+                        _epochs(f, f.list("epochs")))
+        case "append":
+            try:
+                entries = tuple(entry_from_wire(e) for e in f.list("entries"))
+            except BadRequest as exc:
+                f.bad(str(exc))
+            return Append(f.int("epoch"), f.int("prev_index"), f.int("prev_epoch"), entries,
+                          f.int("commit"))
+        case "snapshot":
+            return SnapshotChunk(f.int("epoch"), f.int("index"), f.int("offset"),
+                                 f.bytes("data"), f.bool("done"))
+        case "ack":
+            return Ack(f.int("epoch"), f.int("index"))
+    _fail(UnknownOp, f"unknown op {op!r}", rid)
+
+
+def _decode_reply(m: dict[Any, Any], rid: int | None) -> Reply | ErrorReply:
+    if rid is None:
+        _fail(BadFrame, "a reply must carry an integer 'id'", None)
+    ok = m.pop("ok")
+    m.pop("id")
+    if ok is True:
+        return Reply(rid, m)
+    code, text, master = m.get("code"), m.get("message"), m.get("master")
+    if not isinstance(code, str) or not isinstance(text, str):
+        _fail(BadFrame, "an error reply must carry string 'code' and 'message'", rid)
+    return ErrorReply(rid, code, text, master if isinstance(master, str) else None)
+
+
+def decode_map(payload: bytes) -> dict[Any, Any]:
+    """A payload as a plain map, for relaying (raises BadFrame when it is not one)."""
+    try:
+        m = _unpack(payload)
+    except Exception as exc:
+        raise BadFrame(f"payload is not valid msgpack: {exc}") from exc
+    if not isinstance(m, dict):
+        raise BadFrame("payload must be a msgpack map")
+    return m
+
+
+# --- storage records -----------------------------------------------------------------------------
+
+
+def pack_entry(e: Entry) -> bytes:
+    return _pack(entry_to_wire(e))
+
+
+def unpack_entry(data: bytes) -> Entry:
+    try:
+        raw = _unpack(data)
+    except Exception as exc:
+        raise BadFrame(f"entry is not valid msgpack: {exc}") from exc
+    return entry_from_wire(raw)
+
+
+def pack_obj(obj: Any) -> bytes:
+    """Plain data (maps, arrays, strings, numbers, binary) for storage files."""
+    return _pack(obj)
+
+
+def unpack_obj(data: bytes) -> Any:
+    try:
+        return _unpack(data)
+    except Exception as exc:
+        raise BadFrame(f"record is not valid msgpack: {exc}") from exc

@@ -1,0 +1,122 @@
+"""Every message on the wire, one frozen dataclass each. See docs/PROTOCOL.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.types import Acks, Consistency, Entry
+
+# --- client requests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Set:
+    id: int
+    key: str
+    value: bytes | str
+    acks: Acks = Acks.ASYNC
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    id: int
+    key: str
+    acks: Acks = Acks.ASYNC
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    id: int
+    key: str
+    min_index: int = 0  # serve only from a node that has applied at least this index
+    consistency: Consistency = Consistency.ANY
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A page of keys in sorted order, strictly after ``after``."""
+
+    id: int
+    after: str | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: int
+
+
+# --- replication, between a slave and the master -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A slave asks the master to stream entries after the point where their logs match.
+
+    ``epochs`` is the slave's epoch history: ``(epoch, first index of that epoch)`` pairs,
+    so the master can find the last index where both logs agree in one round trip.
+    """
+
+    id: int
+    node: str
+    epoch: int
+    last_index: int
+    epochs: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Entries ``prev_index + 1 ...`` from the master; empty as a heartbeat."""
+
+    epoch: int
+    prev_index: int
+    prev_epoch: int
+    entries: tuple[Entry, ...]
+    commit: int  # the master's highest durable index, for lag reporting
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """Part of the master's snapshot file; ``done`` on the last part."""
+
+    epoch: int
+    index: int  # the last log index the snapshot covers
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A slave has durably stored and applied every entry up to ``index``."""
+
+    epoch: int
+    index: int
+
+
+# --- replies -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    id: int
+    code: str
+    message: str
+    master: str | None = None  # for not_master: the node this one believes is master
+
+
+Request = Set | Delete | Get | Scan | Status | Ping | Sync
+Stream = Append | SnapshotChunk | Ack
+Message = Request | Stream | Reply | ErrorReply
