@@ -12,12 +12,12 @@ import click
 
 from cluster.config import Address, Limits, parse_cluster
 from cluster.errors import ReplError
-from cluster.types import NodeId
+from cluster.types import NodeId, Value
 
 T = TypeVar("T")
 
 
-class AddressType(click.ParamType):
+class AddressType(click.ParamType):  # type: ignore[type-arg]
     name = "HOST:PORT"
 
     def convert(self, value: Any, param: click.Parameter | None,
@@ -30,7 +30,7 @@ class AddressType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class ClusterType(click.ParamType):
+class ClusterType(click.ParamType):  # type: ignore[type-arg]
     name = "ID=HOST:PORT,..."
 
     def convert(self, value: Any, param: click.Parameter | None,
@@ -91,3 +91,10 @@ def fail(exc: BaseException, debug: bool) -> click.ClickException:
     if isinstance(exc, ReplError) and not text.startswith(exc.code):
         text = f"{exc.code}: {text}"
     return click.ClickException(text)
+
+
+def show_value(value: Value | None) -> str:
+    """A value for the terminal: text as is, binary decoded with escapes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    return "" if value is None else value

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cluster.cli.common import ADDRESS, fail, run_async, setup_logging
+from cluster.cli.common import ADDRESS, fail, run_async, setup_logging, show_value
 from cluster.client import Client
 from cluster.config import Address
 from cluster.errors import ReplError
@@ -38,12 +38,6 @@ class Ctx:
             return run_async(go())
         except ReplError as exc:
             raise fail(exc, self.debug) from exc
-
-
-def show_value(value: Value | None) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="backslashreplace")
-    return "" if value is None else value
 
 
 def echo_json(data: Any) -> None:

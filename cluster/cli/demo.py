@@ -12,11 +12,12 @@ from typing import Any
 
 import click
 
+from cluster.cli.common import show_value
 from cluster.client import Client
 from cluster.config import Address
 from cluster.errors import ReplError
 from cluster.local import LocalCluster
-from cluster.types import Value
+from cluster.types import NodeId, Value
 
 SAMPLE = {
     "city:paris": "France", "city:berlin": "Germany", "city:madrid": "Spain",
@@ -50,7 +51,7 @@ class Demo:
 
     async def node_status(self, node: str) -> dict[str, Any]:
         assert self.local is not None
-        async with await Client.connect(self.local.addresses[node], timeout=3) as c:
+        async with await Client.connect(self.local.addresses[NodeId(node)], timeout=3) as c:
             return await c.status()
 
     async def router_nodes(self) -> dict[str, dict[str, Any]]:
@@ -59,9 +60,9 @@ class Demo:
 
 
 async def run_demo(data_dir: Path | None, base_port: int, router: Address | None) -> None:
-    async with _cluster(data_dir, base_port, router) as (address, local):
-        async with await Client.connect(address, timeout=10) as client:
-            await _script(Demo(client, local))
+    async with (_cluster(data_dir, base_port, router) as (address, local),
+                await Client.connect(address, timeout=10) as client):
+        await _script(Demo(client, local))
 
 
 @contextlib.asynccontextmanager
@@ -100,7 +101,8 @@ async def _script(d: Demo) -> None:
     d.step("Read them back (reads go to a random live slave)")
     for k in list(SAMPLE)[:4]:
         r = await c.get(k, min_index=last)
-        d.say(f"{k} = {r.value}   (served by {r.node}, which has applied entry {r.index})")
+        d.say(f"{k} = {show_value(r.value)}   "
+              f"(served by {r.node}, which has applied entry {r.index})")
 
     d.step("Write and read your own write")
     ix = await c.set("greeting", "hello, replicated world")
@@ -144,7 +146,8 @@ async def _script(d: Demo) -> None:
     except ReplError as exc:
         d.say(f"a write now fails clearly: {exc}")
     r = await c.get("city:paris")
-    d.say(f"reads still work from the slaves: city:paris = {r.value} (from {r.node})")
+    d.say(f"reads still work from the slaves: city:paris = {show_value(r.value)} "
+          f"(from {r.node})")
 
     d.step(f"Restart the master {master}: every acknowledged write is still there")
     await local.start_child(master)

@@ -8,7 +8,7 @@ from cluster.types import Entry, Op, Value
 
 
 class KV:
-    __slots__ = ("data", "applied")
+    __slots__ = ("applied", "data")
 
     def __init__(self, data: dict[str, Value] | None = None, applied: int = 0) -> None:
         self.data: dict[str, Value] = data if data is not None else {}

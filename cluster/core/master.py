@@ -3,7 +3,6 @@ writes a majority holds. Time comes in as milliseconds; nothing here blocks or d
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any
 

@@ -23,8 +23,8 @@ from cluster.errors import (
     StorageFailure,
 )
 from cluster.net.stream import FramedStream
-from cluster.storage.snapshot import MAGIC as SNAPSHOT_MAGIC
 from cluster.storage.records import RECORD_HEADER
+from cluster.storage.snapshot import MAGIC as SNAPSHOT_MAGIC
 from cluster.types import Acks, NodeId, Op
 from cluster.wire import codec
 from cluster.wire.messages import (

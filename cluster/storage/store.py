@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster.core.history import EpochHistory
 from cluster.core.kv import KV
@@ -86,8 +87,9 @@ class Store:
             if meta.get("node") != node:
                 raise ConfigError(f"data directory {directory} belongs to node "
                                   f"{meta.get('node')!r}, not {node!r}")
-            epoch = int(meta["epoch"])
-        snap_index, snap_epoch, history, data = 0, 0, EpochHistory(), {}
+            epoch = meta["epoch"]
+        snap_index, snap_epoch, history = 0, 0, EpochHistory()
+        data: dict[str, Value] = {}
         if (directory / "snapshot").exists():
             smeta, data = read_snapshot(directory / "snapshot")
             snap_index, snap_epoch = smeta.index, smeta.epoch
@@ -227,7 +229,7 @@ class Store:
         os.close(self._lock_fd)
 
 
-def _read_meta(path: Path) -> dict[str, object]:
+def _read_meta(path: Path) -> dict[str, Any]:
     raw = path.read_bytes()
     for rec in iter_records(raw, 0):
         if isinstance(rec, Damage):

@@ -146,7 +146,7 @@ def request_id_of(err: BaseException) -> int | None:
 class _Fields:
     """Typed access to a decoded map, raising BadRequest that names the field."""
 
-    __slots__ = ("_m", "_rid", "_op")
+    __slots__ = ("_m", "_op", "_rid")
 
     def __init__(self, m: dict[Any, Any], rid: int | None, op: str) -> None:
         self._m = m
@@ -156,7 +156,7 @@ class _Fields:
     def bad(self, text: str, cls: type[ProtocolError] = BadRequest) -> NoReturn:
         _fail(cls, f"{self._op}: {text}", self._rid)
 
-    def int(self, name: str, default: int | None = None, lo: int = 0, hi: int = MAX_ID) -> int:
+    def integer(self, name: str, default: int | None = None, lo: int = 0, hi: int = MAX_ID) -> int:
         v = self._m.get(name, default)
         if v is None:
             self.bad(f"missing field {name!r}")
@@ -166,13 +166,13 @@ class _Fields:
             self.bad(f"field {name!r} out of range [{lo}, {hi}]")
         return v
 
-    def bool(self, name: str) -> bool:
+    def boolean(self, name: str) -> bool:
         v = self._m.get(name)
         if type(v) is not bool:
             self.bad(f"field {name!r} must be a boolean")
         return v
 
-    def str(self, name: str, optional: bool = False) -> str | None:
+    def string(self, name: str, optional: bool = False) -> str | None:
         v = self._m.get(name)
         if v is None and optional:
             return None
@@ -181,7 +181,7 @@ class _Fields:
         return v
 
     def key(self, limits: Limits, name: str = "key") -> str:
-        v = self.str(name)
+        v = self.string(name)
         assert v is not None
         if len(v) > limits.max_key or len(v.encode()) > limits.max_key:
             self.bad(f"{name} is longer than the limit of {limits.max_key} bytes", TooLarge)
@@ -205,13 +205,13 @@ class _Fields:
             allowed = ", ".join(repr(m.value) for m in cls)
             self.bad(f"field {name!r} must be one of {allowed}")
 
-    def bytes(self, name: str) -> bytes:
+    def binary(self, name: str) -> bytes:
         v = self._m.get(name)
         if not isinstance(v, bytes):
             self.bad(f"field {name!r} must be binary")
         return v
 
-    def list(self, name: str) -> list[Any]:
+    def array(self, name: str) -> list[Any]:
         v = self._m.get(name)
         if not isinstance(v, list):
             self.bad(f"field {name!r} must be an array")
@@ -270,39 +270,39 @@ def decode(payload: bytes, limits: Limits) -> Message:
         _fail(BadRequest, "field 'op' must be a string", rid)
     match op:
         case "set":
-            return Set(f.int("id"), f.key(limits), f.value(limits),
+            return Set(f.integer("id"), f.key(limits), f.value(limits),
                        f.enum("acks", Acks, Acks.ASYNC))
         case "delete":
-            return Delete(f.int("id"), f.key(limits), f.enum("acks", Acks, Acks.ASYNC))
+            return Delete(f.integer("id"), f.key(limits), f.enum("acks", Acks, Acks.ASYNC))
         case "get":
-            return Get(f.int("id"), f.key(limits), f.int("min_index", 0),
+            return Get(f.integer("id"), f.key(limits), f.integer("min_index", 0),
                        f.enum("consistency", Consistency, Consistency.ANY))
         case "scan":
-            after = f.str("after", optional=True)
+            after = f.string("after", optional=True)
             if after is not None and len(after.encode()) > limits.max_key:
                 f.bad(f"'after' is longer than the limit of {limits.max_key} bytes", TooLarge)
-            return Scan(f.int("id"), after, f.int("limit", 1000, lo=1, hi=100_000))
+            return Scan(f.integer("id"), after, f.integer("limit", 1000, lo=1, hi=100_000))
         case "status":
-            return Status(f.int("id"))
+            return Status(f.integer("id"))
         case "ping":
-            return Ping(f.int("id"))
+            return Ping(f.integer("id"))
         case "sync":
-            node = f.str("node")
+            node = f.string("node")
             assert node is not None
-            return Sync(f.int("id"), node, f.int("epoch"), f.int("last_index"),
-                        _epochs(f, f.list("epochs")))
+            return Sync(f.integer("id"), node, f.integer("epoch"), f.integer("last_index"),
+                        _epochs(f, f.array("epochs")))
         case "append":
             try:
-                entries = tuple(entry_from_wire(e) for e in f.list("entries"))
+                entries = tuple(entry_from_wire(e) for e in f.array("entries"))
             except BadRequest as exc:
                 f.bad(str(exc))
-            return Append(f.int("epoch"), f.int("prev_index"), f.int("prev_epoch"), entries,
-                          f.int("commit"))
+            return Append(f.integer("epoch"), f.integer("prev_index"),
+                          f.integer("prev_epoch"), entries, f.integer("commit"))
         case "snapshot":
-            return SnapshotChunk(f.int("epoch"), f.int("index"), f.int("offset"),
-                                 f.bytes("data"), f.bool("done"))
+            return SnapshotChunk(f.integer("epoch"), f.integer("index"), f.integer("offset"),
+                                 f.binary("data"), f.boolean("done"))
         case "ack":
-            return Ack(f.int("epoch"), f.int("index"))
+            return Ack(f.integer("epoch"), f.integer("index"))
     _fail(UnknownOp, f"unknown op {op!r}", rid)
 
 

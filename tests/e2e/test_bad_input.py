@@ -1,0 +1,113 @@
+"""Garbage sent to a node and to the router gets an error and a closed connection; the
+cluster keeps serving everyone else and loses nothing. Damaged files are handled at start."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from cluster.client import Client
+from cluster.config import Address
+from cluster.local import LocalCluster
+from cluster.wire import codec
+from cluster.wire.framing import FrameDecoder, encode_frame
+from cluster.wire.messages import ErrorReply
+from tests.e2e.conftest import node_items, wait_applied
+
+pytestmark = pytest.mark.e2e
+MakeCluster = Callable[..., Awaitable[LocalCluster]]
+
+GARBAGE = {
+    "not msgpack": (encode_frame(b"\xc1\xc1\xc1"), "bad_frame"),
+    "not a map": (encode_frame(codec.pack_obj([1, 2, 3])), "bad_frame"),
+    "unknown op": (encode_frame(codec.pack_obj({"op": "explode", "id": 7})), "unknown_op"),
+    "key of wrong type": (encode_frame(codec.pack_obj({"op": "set", "id": 8, "key": 5,
+                                                       "value": "v"})), "bad_request"),
+    "value too large": (encode_frame(codec.pack_obj({"op": "set", "id": 9, "key": "k",
+                                                     "value": "x" * 2_000_000})),
+                        "too_large"),
+    "oversized frame": (struct.pack(">I", 1 << 30) + b"\x80", "frame_too_large"),
+    "empty frame": (encode_frame(b""), "bad_frame"),
+}
+
+
+async def _send_garbage(addr: Address, data: bytes) -> tuple[ErrorReply, bool]:
+    """Send raw bytes; return the error reply and whether the server closed the socket."""
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        decoder = FrameDecoder(1 << 24)
+        frames: list[bytes] = []
+        async with asyncio.timeout(5):
+            while not frames:
+                chunk = await reader.read(65536)
+                assert chunk, "closed without an error reply"
+                frames = decoder.feed(chunk)
+            closed = await reader.read(65536) == b""
+        reply = codec.decode(frames[0], codec.Limits())
+        assert isinstance(reply, ErrorReply)
+        return reply, closed
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("target", ["node", "router"])
+async def test_garbage_gets_an_error_and_the_cluster_keeps_working(
+        cluster: LocalCluster, target: str) -> None:
+    addr = cluster.addresses["n1"] if target == "node" else cluster.router_address
+    async with await Client.connect(cluster.router_address) as bystander:
+        before = await bystander.set("safe", "data")
+        for name, (data, code) in GARBAGE.items():
+            reply, closed = await _send_garbage(addr, data)
+            assert reply.code == code, name
+            assert closed, f"{name}: the connection should be closed"
+            # the open connection of another client is unaffected
+            index = await bystander.set(f"after {name}", "ok")
+            assert index > before
+    await wait_applied(cluster, "n2", index)
+    items = await node_items(cluster.addresses["n2"])
+    assert items["safe"] == "data" and len(items) == 1 + len(GARBAGE)
+
+
+async def test_error_reply_carries_the_request_id(cluster: LocalCluster) -> None:
+    reply, _ = await _send_garbage(cluster.addresses["n1"], GARBAGE["unknown op"][0])
+    assert reply.id == 7
+
+
+async def test_torn_tail_is_truncated_at_start(cluster: LocalCluster) -> None:
+    async with await Client.connect(cluster.router_address) as c:
+        last = max(await asyncio.gather(*(c.set(f"k{i}", "v") for i in range(50))))
+    await wait_applied(cluster, "n3", last)
+    await cluster.kill("n3")
+    segment = sorted((cluster.data_dir / "n3" / "wal").glob("*.wal"))[-1]
+    with segment.open("ab") as f:
+        f.write(struct.pack(">II", 100, 12345) + b"half a rec")  # a torn append
+    await cluster.start_child("n3")
+    await wait_applied(cluster, "n3", last)
+    assert "truncating the torn tail" in cluster.children["n3"].log_path.read_text()
+    assert len(await node_items(cluster.addresses["n3"])) == 50
+
+
+async def test_corruption_in_the_middle_stops_the_node_with_a_clear_message(
+        cluster: LocalCluster) -> None:
+    async with await Client.connect(cluster.router_address) as c:
+        for i in range(20):
+            last = await c.set(f"k{i}", "value")
+    await wait_applied(cluster, "n2", last)
+    await cluster.kill("n2")
+    segment = sorted((cluster.data_dir / "n2" / "wal").glob("*.wal"))[-1]
+    data = bytearray(segment.read_bytes())
+    data[40] ^= 0xFF  # inside the first record
+    segment.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, *cluster.children["n2"].args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "corrupt in the middle" in proc.stderr
+    assert "delete it to resynchronise" in proc.stderr
+    assert "Traceback" not in proc.stderr
