@@ -129,6 +129,12 @@ class Node:
         if self.store.snapshot_due(self.config.snapshot_every) and not self._draining:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot())
 
+    async def settle_snapshot(self) -> None:
+        """Wait for a snapshot being written, before replacing or cutting the log."""
+        task = self._snapshot_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
     async def _snapshot(self) -> None:
         store = self.store
         job = store.begin_snapshot()

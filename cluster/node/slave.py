@@ -93,6 +93,7 @@ class SlaveRole:
             if not isinstance(reply, Reply):
                 raise ProtocolError(f"master answered sync with {type(reply).__name__}")
             epoch, match = int(reply.fields["epoch"]), int(reply.fields["match"])
+            await self.node.settle_snapshot()
             if self.core.check_epoch(epoch):
                 store.set_epoch(epoch)
             if match < store.log.last_index:
