@@ -144,7 +144,6 @@ class RouterConfig:
     limits: Limits = field(default_factory=Limits)
     health_interval: float = 0.2  # seconds between health probes of each node
     node_timeout: float = 1.0  # a node that has not answered for this long is down
-    request_timeout: float = 10.0  # longest a forwarded request may take
     max_lag: int = 10_000  # slaves further behind than this many entries get no reads
     seed: int | None = None  # for the random choice of slave, in tests
 
@@ -152,7 +151,5 @@ class RouterConfig:
         self.limits.validate()
         if not 0 < self.health_interval < self.node_timeout:
             raise ConfigError("the health interval must be positive and below the node timeout")
-        if self.request_timeout <= 0:
-            raise ConfigError("the request timeout must be positive")
         if self.max_lag < 0:
             raise ConfigError("max lag must be >= 0")

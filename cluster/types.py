@@ -32,7 +32,9 @@ class Entry:
 
     def size(self) -> int:
         """A cheap estimate of the entry's encoded size in bytes, for batching."""
-        return 32 + len(self.key) + (len(self.value) if self.value is not None else 0)
+        value = self.value
+        n = 0 if value is None else len(value) * (4 if isinstance(value, str) else 1)
+        return 32 + 4 * len(self.key) + n
 
 
 class Acks(enum.Enum):

@@ -78,7 +78,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 def fail(exc: BaseException, debug: bool) -> click.ClickException:

@@ -12,7 +12,13 @@ import itertools
 import logging
 
 from cluster.config import Address, Limits
-from cluster.errors import NetworkError, ProtocolError, ReplError, RequestTimeout
+from cluster.errors import (
+    NetworkError,
+    ProtocolError,
+    ReplError,
+    RequestTimeout,
+    error_for_code,
+)
 from cluster.net.stream import FramedStream
 from cluster.wire import codec
 from cluster.wire.messages import ErrorReply, Reply, Request
@@ -71,6 +77,9 @@ class Connection:
                     if not isinstance(msg, Reply | ErrorReply):
                         raise ProtocolError(f"{self.address} sent {type(msg).__name__}, "
                                             "not a reply")
+                    if isinstance(msg, ErrorReply) and msg.id == 0:
+                        # a protocol error the server could not tie to a request: it closes
+                        raise error_for_code(msg.code, msg.message)
                     fut = self._pending.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
@@ -87,8 +96,7 @@ class Connection:
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(NetworkError(str(error)) if not isinstance(
-                    error, NetworkError) else error)
+                fut.set_exception(error)
                 fut.exception()  # mark retrieved: the caller may have given up
 
     async def close(self) -> None:

@@ -27,10 +27,18 @@ class KV:
     def get(self, key: str) -> Value | None:
         return self.data.get(key)
 
-    def scan(self, after: str | None, limit: int) -> tuple[list[tuple[str, Value]], bool]:
-        """Up to ``limit`` items with keys sorted and greater than ``after``; and whether more
-        remain."""
+    def scan(self, after: str | None, limit: int, max_bytes: int = 1 << 62
+             ) -> tuple[list[tuple[str, Value]], bool]:
+        """Up to ``limit`` items with keys sorted and greater than ``after``, stopping early
+        (after at least one item) once they exceed ``max_bytes``; and whether more remain."""
         keys = self.data.keys() if after is None else (k for k in self.data if k > after)
         page = heapq.nsmallest(limit + 1, keys)
-        more = len(page) > limit
-        return [(k, self.data[k]) for k in page[:limit]], more
+        items: list[tuple[str, Value]] = []
+        size = 0
+        for k in page[:limit]:
+            v = self.data[k]
+            size += 16 + 4 * len(k) + len(v) * (4 if isinstance(v, str) else 1)
+            if size > max_bytes and items:
+                return items, True
+            items.append((k, v))
+        return items, len(page) > limit

@@ -36,7 +36,8 @@ class SyncPlan:
 class MasterCore:
     def __init__(self, node_id: NodeId, slaves: list[NodeId], epoch: int, log: Log, kv: KV,
                  *, majority: int, peer_timeout_ms: int, heartbeat_ms: int,
-                 batch_entries: int, window_entries: int) -> None:
+                 batch_entries: int, window_entries: int,
+                 batch_bytes: int = 4 * 1024 * 1024) -> None:
         self.node_id = node_id
         self.epoch = epoch
         self.log = log
@@ -47,6 +48,7 @@ class MasterCore:
         self.heartbeat_ms = heartbeat_ms
         self.batch_entries = batch_entries
         self.window_entries = window_entries
+        self.batch_bytes = batch_bytes  # an append frame stays under this (one entry at least)
         self.followers = {n: Follower(n) for n in slaves}
         self._waiters: list[tuple[int, int]] = []  # (index, token) heap for acks=majority
         self._token = 0
@@ -101,12 +103,21 @@ class MasterCore:
         count = min(self.batch_entries, room, self.durable - f.next_index + 1)
         if count <= 0 and now_ms - f.last_sent < self.heartbeat_ms:
             return None
-        entries = self.log.slice(f.next_index, count) if count > 0 else []
+        entries = self._fit(self.log.slice(f.next_index, count)) if count > 0 else []
         prev = f.next_index - 1
         msg = Append(self.epoch, prev, self.log.epoch_at(prev), tuple(entries), self.durable)
         f.next_index += len(entries)
         f.last_sent = now_ms
         return msg
+
+    def _fit(self, entries: list[Entry]) -> list[Entry]:
+        """The longest prefix of ``entries`` within the byte budget (at least one entry)."""
+        total = 0
+        for n, e in enumerate(entries):
+            total += e.size()
+            if total > self.batch_bytes and n > 0:
+                return entries[:n]
+        return entries
 
     def on_ack(self, node: NodeId, epoch: int, index: int, now_ms: int) -> None:
         f = self.followers[node]

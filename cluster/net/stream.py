@@ -58,6 +58,8 @@ class FramedStream:
             frames = self._decoder.feed(data)
             if frames:
                 yield frames
+            if self._decoder.error is not None:
+                raise self._decoder.error
 
     async def read_message(self) -> Message:
         """The next whole message (for request/reply exchanges, not bulk streams)."""

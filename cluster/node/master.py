@@ -19,6 +19,7 @@ from cluster.errors import (
     NoQuorum,
     NotMaster,
     ProtocolError,
+    ReplError,
     StaleEpoch,
     StorageFailure,
 )
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_CHUNK = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -66,12 +66,14 @@ class MasterRole:
             peer_timeout_ms=int(cfg.peer_timeout * 1000),
             heartbeat_ms=int(cfg.heartbeat_interval * 1000),
             batch_entries=cfg.batch_entries, window_entries=cfg.window_entries,
+            batch_bytes=cfg.limits.max_frame // 2,
         )
         self.core.persisted(node.durability.durable)
         self._local: deque[tuple[int, FramedStream, int, Acks]] = deque()
         self._majority: list[tuple[int, int, FramedStream, int]] = []
         self._seq = itertools.count()
         self._links: dict[NodeId, Link] = {}
+        self._chunk_size = min(1024 * 1024, cfg.limits.max_frame // 2)
 
     # --- client writes -----------------------------------------------------------------------
 
@@ -161,7 +163,7 @@ class MasterRole:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._send_loop(link))
                 tg.create_task(self._ack_loop(link))
-        except* (NetworkError, ProtocolError, OSError, ConnectionError, TimeoutError) as eg:
+        except* (ReplError, OSError, ConnectionError, TimeoutError) as eg:
             log.warning("replication link to %s closed: %s", node, eg.exceptions[0])
         finally:
             if self._links.get(node) is link:
@@ -213,7 +215,7 @@ class MasterRole:
             log.info("sending snapshot at index %d (%d bytes) to %s", index, size, link.node)
             offset = 0
             while True:
-                chunk = await asyncio.to_thread(f.read, SNAPSHOT_CHUNK)
+                chunk = await asyncio.to_thread(f.read, self._chunk_size)
                 done = offset + len(chunk) >= size
                 link.stream.send(SnapshotChunk(self.core.epoch, index, offset, chunk, done))
                 await link.stream.drain()

@@ -200,7 +200,8 @@ class Node:
                         return self.role.write(msg, stream)
                     return not_master(msg.id, self.config.master)
                 case Scan(id=rid, after=after, limit=limit):
-                    items, more = self.store.kv.scan(after, limit)
+                    items, more = self.store.kv.scan(after, limit,
+                                                     self.config.limits.max_frame // 2)
                     return Reply(rid, {"items": [list(i) for i in items], "more": more,
                                        "index": self.store.kv.applied,
                                        "node": self.config.node_id})

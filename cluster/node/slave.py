@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.core.slave import SlaveCore
@@ -48,38 +49,40 @@ class SlaveRole:
         self.last_contact_ms = 0
         self.syncs = 0  # handshakes completed, for status and tests
         self.last_sync_from = -1  # the last index this node had when it last asked
+        self._established = False
+        self._receiving: _SnapshotFile | None = None  # a snapshot arriving from the master
 
     @property
     def connected(self) -> bool:
         return self._link is not None
 
     async def run(self) -> None:
-        """Keep a replication session with the master, reconnecting at once when it drops
-        and backing off briefly only while the master stays unreachable."""
+        """Keep a replication session with the master. After a session that was established
+        drops, reconnect at once; back off briefly only while the master stays unreachable."""
         backoff = 0.0
         addr = self.node.config.cluster[self.master]
         while True:
-            got_data = False
+            self._established = False
             try:
-                got_data = await self._session(addr)
+                await self._session(addr)
             except Resync:
-                backoff = 0.0
                 continue
+            except CorruptLog:
+                raise
             except StaleEpoch as exc:
                 log.warning("master %s is stale: %s", self.master, exc)
-            except (NetworkError, ProtocolError, OSError, ConnectionError, TimeoutError,
-                    ReplError) as exc:
-                if isinstance(exc, CorruptLog):
-                    raise
+            except (ReplError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning("replication from %s interrupted: %s", self.master,
                             exc or type(exc).__name__)
             finally:
                 self._link = None
-            backoff = 0.0 if got_data and backoff == 0.0 else min(
-                MAX_BACKOFF, max(0.02, backoff * 2))
+            if self._established:
+                backoff = 0.0
+                continue
+            backoff = min(MAX_BACKOFF, max(0.02, backoff * 2))
             await asyncio.sleep(backoff)
 
-    async def _session(self, addr: Any) -> bool:
+    async def _session(self, addr: Any) -> None:
         cfg = self.node.config
         store = self.node.store
         stream = await FramedStream.connect(addr, cfg.limits, cfg.peer_timeout)
@@ -94,8 +97,7 @@ class SlaveRole:
                 raise ProtocolError(f"master answered sync with {type(reply).__name__}")
             epoch, match = int(reply.fields["epoch"]), int(reply.fields["match"])
             await self.node.settle_snapshot()
-            if self.core.check_epoch(epoch):
-                store.set_epoch(epoch)
+            self._adopt_epoch(epoch)
             if match < store.log.last_index:
                 wiped = match < store.snapshot_index
                 store.truncate_after(match)
@@ -104,58 +106,50 @@ class SlaveRole:
                 if wiped:
                     raise Resync()
             self.syncs += 1
+            self._established = True
             log.info("syncing from master %s after index %d (epoch %d)", self.master, match,
                      epoch)
-            if reply.fields.get("snapshot"):
-                await self._receive_snapshot(stream)
             self._link = stream
-            self._send_ack()
+            if not reply.fields.get("snapshot"):
+                self._send_ack()
             await self._stream_loop(stream)
-            return True
         finally:
+            if self._receiving is not None:
+                self._receiving.discard()
+                self._receiving = None
             await stream.close()
 
-    async def _receive_snapshot(self, stream: FramedStream) -> None:
-        cfg = self.node.config
-        store = self.node.store
-        tmp = store.directory / "snapshot.recv"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            offset = 0
-            while True:
-                async with asyncio.timeout(cfg.peer_timeout * 2):
-                    msg = await stream.read_message()
-                if not isinstance(msg, SnapshotChunk) or msg.offset != offset:
-                    raise ProtocolError("expected the next snapshot chunk")
-                self.core.check_epoch(msg.epoch)
-                await asyncio.to_thread(write_all, fd, msg.data)
-                offset += len(msg.data)
-                if msg.done:
-                    break
-            await asyncio.to_thread(os.fsync, fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        meta = await asyncio.to_thread(store.install_snapshot, tmp)
-        if meta.index != msg.index:
-            raise ProtocolError(f"snapshot claims index {msg.index} but holds {meta.index}")
-        self.node.durability.reset(meta.index)
-        self.core.durable = meta.index
+    def _adopt_epoch(self, epoch: int) -> None:
+        """Refuse an older master; durably record a newer epoch before acting in it."""
+        if epoch > self.core.epoch:
+            self.node.store.set_epoch(epoch)
+        self.core.check_epoch(epoch)
 
     async def _stream_loop(self, stream: FramedStream) -> None:
+        """Apply what the master streams: appends, and a snapshot when it sends one (right
+        after the handshake, or later when this slave fell behind a compaction)."""
         loop = asyncio.get_running_loop()
         cfg = self.node.config
         store = self.node.store
+        receiving: _SnapshotFile | None = None
         async with asyncio.timeout(loop.time() + cfg.peer_timeout) as deadline:
             async for payloads in stream.read_payloads():
                 deadline.reschedule(loop.time() + cfg.peer_timeout)
                 self.last_contact_ms = self.node.now_ms()
                 for payload in payloads:
                     msg = codec.decode(payload, cfg.limits)
-                    if not isinstance(msg, Append):
-                        raise ProtocolError(f"master sent {type(msg).__name__} mid-stream")
+                    if isinstance(msg, SnapshotChunk):
+                        self._adopt_epoch(msg.epoch)
+                        if receiving is None:
+                            receiving = self._receiving = _SnapshotFile(
+                                store.directory / "snapshot.recv")
+                        if await receiving.add(msg):
+                            await self._install(receiving, msg.index)
+                            receiving = self._receiving = None
+                        continue
+                    if not isinstance(msg, Append) or receiving is not None:
+                        raise ProtocolError(f"master sent {type(msg).__name__} out of turn")
+                    self._adopt_epoch(msg.epoch)
                     entries = self.core.on_append(msg)
                     if not entries:
                         self._send_ack()
@@ -167,6 +161,15 @@ class SlaveRole:
                         self.delays.add(now - e.ts)
                     self.node.durability.wrote(entries[-1].index)
         raise NetworkError(f"master {self.master} closed the connection")
+
+    async def _install(self, received: _SnapshotFile, index: int) -> None:
+        await self.node.settle_snapshot()
+        meta = await asyncio.to_thread(self.node.store.install_snapshot, received.path)
+        if meta.index != index:
+            raise ProtocolError(f"snapshot claims index {index} but holds {meta.index}")
+        self.node.durability.reset(meta.index)
+        self.core.durable = meta.index
+        self._send_ack()
 
     def _send_ack(self) -> None:
         if self._link is not None:
@@ -190,3 +193,34 @@ class SlaveRole:
             "repl_delay_ms": self.delays.summary(),
         }
 
+
+
+class _SnapshotFile:
+    """A snapshot arriving in chunks, written to a temporary file and synced at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._offset = 0
+
+    async def add(self, chunk: SnapshotChunk) -> bool:
+        """Write one chunk; True when the snapshot is complete and synced."""
+        try:
+            if chunk.offset != self._offset:
+                raise ProtocolError(f"snapshot chunk at {chunk.offset}, expected {self._offset}")
+            await asyncio.to_thread(write_all, self._fd, chunk.data)
+            self._offset += len(chunk.data)
+            if chunk.done:
+                await asyncio.to_thread(os.fsync, self._fd)
+                os.close(self._fd)
+                self._fd = -1
+            return chunk.done
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)

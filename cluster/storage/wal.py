@@ -78,6 +78,7 @@ class WAL:
         if not segments:
             segments = [cls._create(directory, after + 1)]
         fd = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        os.fsync(fd)  # what was recovered may be acknowledged to a master: make it durable
         size = os.fstat(fd).st_size
         return cls(directory, segments, fd, size), entries
 

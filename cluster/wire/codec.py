@@ -157,7 +157,9 @@ class _Fields:
         _fail(cls, f"{self._op}: {text}", self._rid)
 
     def integer(self, name: str, default: int | None = None, lo: int = 0, hi: int = MAX_ID) -> int:
-        v = self._m.get(name, default)
+        v = self._m.get(name)
+        if v is None:
+            v = default
         if v is None:
             self.bad(f"missing field {name!r}")
         if type(v) is not int:

@@ -22,6 +22,7 @@ class FrameDecoder:
     def __init__(self, max_frame: int) -> None:
         self._max_frame = max_frame
         self._buffer = bytearray()
+        self.error: FrameTooLarge | None = None
 
     @property
     def buffered(self) -> int:
@@ -31,9 +32,12 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data`` and return every payload it completes, in order.
 
-        Raises :class:`FrameTooLarge` as soon as a header announces more than the limit;
-        the decoder must not be fed again after that.
+        Raises :class:`FrameTooLarge` as soon as a header announces more than the limit.
+        Frames completed before that header are returned first, with the error kept in
+        :attr:`error` and raised by the next call.
         """
+        if self.error is not None:
+            raise self.error
         buf = self._buffer
         buf += data
         frames: list[bytes] = []
@@ -42,9 +46,12 @@ class FrameDecoder:
         while end - pos >= HEADER_SIZE:
             (length,) = HEADER.unpack_from(buf, pos)
             if length > self._max_frame:
-                raise FrameTooLarge(
+                self.error = FrameTooLarge(
                     f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes"
                 )
+                if not frames:
+                    raise self.error
+                break
             if end - pos - HEADER_SIZE < length:
                 break
             start = pos + HEADER_SIZE
