@@ -20,7 +20,11 @@ HIGH_WATER = 4 * 1024 * 1024  # pause reading a connection whose replies pile up
 
 
 class FramedStream:
-    """One TCP connection carrying frames in both directions."""
+    """One TCP connection carrying frames in both directions.
+
+    Frames sent in one turn of the event loop go out in one write: under load, one syscall
+    carries many replies (or many requests, on the router's link to a node).
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  limits: Limits) -> None:
@@ -29,6 +33,9 @@ class FramedStream:
         self.limits = limits
         self._decoder = FrameDecoder(limits.max_frame)
         self._frames: list[bytes] = []
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
         self.peer = _peer_name(writer)
 
     @classmethod
@@ -76,17 +83,30 @@ class FramedStream:
         return frames
 
     def send(self, msg: Message) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(codec.frame(msg))
+        self.send_raw(codec.frame(msg))
 
     def send_raw(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what was sent so far (done at the end of each loop turn anyway)."""
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
         if not self.writer.is_closing():
             self.writer.write(data)
 
     async def drain(self) -> None:
+        self.flush()
         await self.writer.drain()
 
     async def close(self) -> None:
+        self.flush()
         self.writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await self.writer.wait_closed()
