@@ -1,0 +1,242 @@
+"""Fast, offline checks of docker-compose.yml and the Dockerfile: no daemon, no image.
+
+`docker-compose config` validates the file against Compose's schema and resolves anchors and
+`${VAR:-default}` interpolation; the structural checks read what it resolved. Compose v2
+(`docker compose`) is checked too when the machine has it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE = REPO / "scripts" / "docker_engine.sh"
+COMPOSE_FILE = REPO / "docker-compose.yml"
+NODE_SERVICES = ("master", "slave1", "slave2", "slave3")
+SERVICES = (*NODE_SERVICES, "router")
+NODE_PORT = {"master": 7001, "slave1": 7002, "slave2": 7003, "slave3": 7004}
+NODE_ID = {"master": "n1", "slave1": "n2", "slave2": "n3", "slave3": "n4"}
+OFFLINE = {"DOCKER_HOST": "unix:///nonexistent"}
+
+try:
+    import yaml
+except ImportError:  # PyYAML is in the `test` extra; CI installs it, so never skip there
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("PyYAML is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def run(
+    args: list[Any], *, env: dict[str, str] | None = None, timeout: float = 60, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(a) for a in args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {args}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def compose_v1() -> str:
+    found = shutil.which("docker-compose")
+    if found:
+        return found
+    if not (is_root() or in_ci()):
+        pytest.skip(
+            "docker-compose is not installed and installing it needs root (set CI=1 to force)"
+        )
+    run(["bash", ENGINE, "install"], timeout=300)
+    found = shutil.which("docker-compose")
+    assert found, "scripts/docker_engine.sh install did not provide docker-compose"
+    return found
+
+
+def config(extra_env: dict[str, str] | None = None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
+    env.update(OFFLINE)
+    env.update(extra_env or {})
+    return run(
+        [compose_v1(), "-f", COMPOSE_FILE, "config", *args], env=env, timeout=60, check=False
+    )
+
+
+def resolved(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = config(extra_env)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_compose_file_is_valid_offline() -> None:
+    proc = config(None, "-q")
+    assert proc.returncode == 0, f"docker-compose config -q failed:\n{proc.stderr}"
+    assert proc.stdout == ""
+    # Compose v2 reads the same file; checked too where the machine has the plugin.
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        env = dict(os.environ, **OFFLINE)
+        proc = run([docker, "compose", "-f", COMPOSE_FILE, "config", "-q"], env=env, check=False)
+        assert proc.returncode == 0, f"docker compose (v2) config -q failed:\n{proc.stderr}"
+
+
+def test_the_offline_check_catches_a_broken_file(tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(
+        COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restart: [oops]", 1)
+    )
+    env = dict(os.environ, **OFFLINE)
+    proc = run([compose_v1(), "-f", broken, "config", "-q"], env=env, check=False)
+    assert proc.returncode != 0 and "restart" in proc.stderr, proc.stderr
+
+
+def test_file_has_no_version_key_and_parses_as_plain_yaml() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert "version" not in raw, "the `version:` key is obsolete in v2 and not needed by v1.27+"
+    assert set(raw["services"]) == set(SERVICES)
+
+
+def test_five_services_one_image_restart_policy_and_init() -> None:
+    services = resolved()["services"]
+    assert set(services) == set(SERVICES)
+    images = {s["image"] for s in services.values()}
+    assert images == {"replkv:latest"}
+    for name, svc in services.items():
+        assert svc["restart"] == "unless-stopped", name
+        assert svc.get("init") is True, f"{name}: PID 1 should be an init that forwards signals"
+    # One service builds the image (v2 would otherwise build it once per service); the others
+    # never try to pull it (it is on no registry) and start after the one that builds it.
+    build = services["master"]["build"]
+    assert build["args"]["BASE_IMAGE"] == "python:3.12-slim"
+    assert Path(build["context"]) == REPO
+    for name in SERVICES:
+        if name == "master":
+            continue
+        assert "build" not in services[name], name
+        assert services[name].get("pull_policy") == "never", name
+        assert "master" in services[name]["depends_on"], name
+
+
+def test_named_volume_per_node_mounted_at_data() -> None:
+    cfg = resolved()
+    services = cfg["services"]
+    sources = []
+    for name in NODE_SERVICES:
+        vols = services[name].get("volumes", [])
+        data = [
+            v for v in vols if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/data"
+        ]
+        assert len(data) == 1, f"{name} has no volume at /data: {vols}"
+        v = data[0]
+        source = v["source"] if isinstance(v, dict) else v.split(":")[0]
+        if isinstance(v, dict):
+            assert v.get("type", "volume") == "volume", (
+                f"{name}: /data must be a named volume, not {v}"
+            )
+        assert source in cfg["volumes"], f"{name}: {source} is not a declared named volume"
+        sources.append(source)
+        assert services[name]["environment"]["REPL_DATA_DIR"] == "/data"
+    assert len(set(sources)) == 4, f"each node needs its own volume: {sources}"
+    assert "volumes" not in services["router"] or not services["router"]["volumes"]
+
+
+def test_router_port_published_on_loopback_and_overridable() -> None:
+    def published(cfg: dict[str, Any]) -> list[tuple[str, str, str]]:
+        out = []
+        for p in cfg["services"]["router"]["ports"]:
+            if isinstance(p, dict):
+                out.append((p.get("host_ip", ""), str(p["published"]), str(p["target"])))
+            else:  # v1 prints "127.0.0.1:7000:7000/tcp"
+                m = re.fullmatch(r"(?:(.+):)?(\d+):(\d+)(?:/tcp)?", p)
+                assert m, p
+                out.append((m.group(1) or "", m.group(2), m.group(3)))
+        return out
+
+    assert published(resolved()) == [("127.0.0.1", "7000", "7000")]
+    assert published(resolved({"REPL_ROUTER_PORT": "17123", "REPL_ROUTER_BIND": "0.0.0.0"})) == [
+        ("0.0.0.0", "17123", "7000")
+    ]
+    for name in NODE_SERVICES:
+        assert not resolved()["services"][name].get("ports"), f"{name} should not be published"
+
+
+def test_healthchecks_use_replctl_health_on_each_own_port() -> None:
+    services = resolved()["services"]
+    ports = dict(NODE_PORT, router=7000)
+    for name in SERVICES:
+        hc = services[name].get("healthcheck")
+        assert hc, f"{name} has no healthcheck"
+        assert hc["test"] == ["CMD", "replctl", "health", f"127.0.0.1:{ports[name]}"], name
+        assert not hc.get("disable")
+
+
+def test_environment_describes_one_consistent_cluster() -> None:
+    services = resolved()["services"]
+    cluster = services["master"]["environment"]["REPL_CLUSTER"]
+    members = dict(item.split("=", 1) for item in cluster.split(","))
+    assert members == {NODE_ID[s]: f"{s}:{NODE_PORT[s]}" for s in NODE_SERVICES}
+    for name in NODE_SERVICES:
+        env = services[name]["environment"]
+        assert services[name]["command"] == ["replnode"]
+        assert env["REPL_ID"] == NODE_ID[name]
+        assert env["REPL_LISTEN"] == f"0.0.0.0:{NODE_PORT[name]}"
+        assert env["REPL_CLUSTER"] == cluster
+        assert env["REPL_MASTER"] == "n1"
+        assert env["REPL_FSYNC"] in {"always", "everysec", "no"}
+    router = services["router"]
+    assert router["command"] == ["replrouter"]
+    assert router["environment"]["REPL_LISTEN"] == "0.0.0.0:7000"
+    assert router["environment"]["REPL_CLUSTER"] == cluster
+    assert router["depends_on"]["master"]["condition"] == "service_healthy"
+
+
+def test_image_and_base_are_substitutable_for_the_offline_build() -> None:
+    cfg = resolved(
+        {
+            "REPL_IMAGE": "replkv-test:x",
+            "REPL_BASE_IMAGE": "local/base:latest",
+            "REPL_FSYNC": "always",
+        }
+    )
+    assert cfg["services"]["master"]["build"]["args"]["BASE_IMAGE"] == "local/base:latest"
+    for name, svc in cfg["services"].items():
+        assert svc["image"] == "replkv-test:x", name
+        if name != "router":
+            assert svc["environment"]["REPL_FSYNC"] == "always"
+
+
+def test_dockerfile_base_is_an_argument_and_runs_as_non_root() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
+    first_from = next(i for i, ln in enumerate(lines) if ln.upper().startswith("FROM "))
+    assert "ARG BASE_IMAGE=python:3.12-slim" in lines[:first_from]
+    froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
+    assert all(ln.split()[1] == "${BASE_IMAGE}" for ln in froms), froms
+    users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
+    assert users and users[-1] not in {"root", "0"}, users
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert "*" in ignore and "!cluster" in ignore and "!pyproject.toml" in ignore

@@ -1,0 +1,227 @@
+"""The four-node cluster in real containers, driven the way docs/DOCKER.md tells a user to.
+
+One cluster (module scope) goes through the steps in order: write through the router's
+published port; kill a slave, write more, start it, see it catch up by id; crash a node and see
+Docker restart it; kill the master and see clear errors on writes while reads go on, then start
+it and lose nothing; `down` then `up` and keep every entry. Every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+# The first test also pays for the session's setup (apt-get, debootstrap, the image build and
+# `up`), so it gets far more than the suite's default pytest-timeout; every wait inside has its
+# own deadline anyway.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+
+WRITERS = 4
+
+
+def write_many(cluster: Any, prefix: str, count: int) -> None:
+    """Write `count` keys through the published port with the host's replctl; all must succeed."""
+    items = {f"{prefix}-{i:03d}": f"value of {prefix} {i}" for i in range(count)}
+
+    def one(kv: tuple[str, str]) -> tuple[str, str, Any]:
+        return kv[0], kv[1], cluster.ctl("write", kv[0], kv[1])
+
+    with ThreadPoolExecutor(WRITERS) as pool:
+        for key, value, proc in pool.map(one, items.items()):
+            assert proc.returncode == 0, f"write {key} failed: {proc.stdout}{proc.stderr}"
+            cluster.acked[key] = value
+
+
+def node_items(cluster: Any, service: str) -> dict[str, str]:
+    """Every key and value one node holds, asked of that node alone from inside its container."""
+    proc = cluster.node_ctl(service, "show", "--json", check=True)
+    data = json.loads(proc.stdout)
+    if isinstance(data, dict) and "items" in data:
+        data = data["items"]
+    if isinstance(data, list):
+        return {item["key"]: item["value"] for item in data}
+    return dict(data)
+
+
+def missing_on(cluster: Any, service: str) -> dict[str, str]:
+    held = node_items(cluster, service)
+    return {k: v for k, v in cluster.acked.items() if held.get(k) != v}
+
+
+def own_status(cluster: Any, service: str) -> dict[str, Any]:
+    """The node's own row of `replctl status --json`, asked of that node directly."""
+    proc = cluster.node_ctl(service, "status", "--json", check=True)
+    rows = {n["id"]: n for n in json.loads(proc.stdout)["nodes"]}
+    return rows[cluster.node_id[service]]
+
+
+def master_last_index(cluster: Any) -> int:
+    return int(own_status(cluster, "master")["last_index"])
+
+
+def caught_up(cluster: Any, service: str, index: int) -> bool:
+    try:
+        row = own_status(cluster, service)
+    except AssertionError:
+        return False
+    return row.get("applied_index", -1) >= index
+
+
+def one_line_error(proc: Any) -> str:
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode != 0, f"expected a failure, got exit 0: {out!r}"
+    assert len(out.splitlines()) == 1, f"expected one line, got:\n{out}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cluster_up_and_status_from_host_and_inside(cluster: Any) -> None:
+    nodes = cluster.status()
+    assert set(nodes) == {"n1", "n2", "n3", "n4"}
+    assert nodes["n1"]["role"] == "master"
+    assert all(n["up"] for n in nodes.values()), nodes
+    # The command docs/DOCKER.md gives: replctl inside the router's container, human output.
+    inside = cluster.compose("exec", "-T", "router", "replctl", "status")
+    for node_id in ("n1", "n2", "n3", "n4"):
+        assert node_id in inside.stdout
+    # The image runs as a non-root user.
+    uid = cluster.compose("exec", "-T", "master", "id", "-u").stdout.strip()
+    assert uid != "0"
+
+
+def test_writes_through_the_published_port(cluster: Any) -> None:
+    write_many(cluster, "first", 30)
+    got = cluster.ctl("read", "first-007", check=True).stdout.strip()
+    assert got == cluster.acked["first-007"]
+    missing = cluster.ctl("read", "no-such-key")
+    assert missing.returncode == 1, missing
+    index = master_last_index(cluster)
+    assert index >= 30
+    for service in ("slave1", "slave2", "slave3"):
+        cluster.wait_for(
+            f"{service} to apply {index}",
+            lambda s=service: caught_up(cluster, s, index),
+            timeout=60,
+        )
+
+
+def test_killed_slave_catches_up_by_id(cluster: Any) -> None:
+    cluster.compose("kill", "slave2")
+    # A container you kill yourself stays down (restart: unless-stopped), and the router sees it.
+    cluster.wait_for(
+        "the router to see n3 down", lambda: not cluster.status()["n3"]["up"], timeout=30
+    )
+    assert cluster.inspect("slave2")["State"]["Running"] is False
+
+    write_many(cluster, "while-slave2-down", 30)
+    index = master_last_index(cluster)
+    assert cluster.inspect("slave2")["State"]["Running"] is False, (
+        "Docker restarted a killed container"
+    )
+
+    cluster.compose("start", "slave2")
+    cluster.wait_healthy(["slave2"], timeout=90)
+    cluster.wait_for(
+        "slave2 to apply every id", lambda: caught_up(cluster, "slave2", index), timeout=60
+    )
+    assert missing_on(cluster, "slave2") == {}
+    row = own_status(cluster, "slave2")
+    assert row["last_index"] >= index and row["applied_index"] >= index
+    cluster.wait_for(
+        "the router to see n3 up again", lambda: cluster.status()["n3"]["up"], timeout=30
+    )
+
+
+def test_crashed_node_is_restarted_by_docker(cluster: Any) -> None:
+    before = cluster.inspect("slave3")
+    restarts = before["RestartCount"]
+    # A crash, not a `docker kill`: the container's main process dies on its own.
+    os.kill(before["State"]["Pid"], signal.SIGKILL)
+    cluster.wait_for(
+        "Docker to restart slave3",
+        lambda: (
+            cluster.inspect("slave3")["RestartCount"] > restarts
+            and cluster.inspect("slave3")["State"]["Running"]
+        ),
+        timeout=60,
+    )
+    cluster.wait_healthy(["slave3"], timeout=90)
+    write_many(cluster, "after-slave3-crash", 5)
+    index = master_last_index(cluster)
+    cluster.wait_for("slave3 to catch up", lambda: caught_up(cluster, "slave3", index), timeout=60)
+    assert missing_on(cluster, "slave3") == {}
+
+
+def test_killed_master_writes_fail_clearly_reads_go_on_nothing_lost(cluster: Any) -> None:
+    index = master_last_index(cluster)
+    for service in ("slave1", "slave2", "slave3"):
+        cluster.wait_for(
+            f"{service} at {index}", lambda s=service: caught_up(cluster, s, index), timeout=60
+        )
+
+    cluster.compose("kill", "master")
+    assert cluster.inspect("master")["State"]["Running"] is False
+
+    def write_refused() -> str | None:
+        proc = cluster.ctl("write", "during-master-down", "x")
+        if proc.returncode == 0:
+            return None
+        return one_line_error(proc)
+
+    message = cluster.wait_for("writes to be refused", write_refused, timeout=30)
+    assert "unavailable" in message.lower(), message
+    assert message.startswith("Error:"), message
+    # Every write while the master is down gets the same clear answer, not a hang or a traceback.
+    for _ in range(3):
+        message = one_line_error(cluster.ctl("write", "during-master-down", "x", timeout=30))
+        assert "unavailable" in message.lower(), message
+    cluster.wait_for(
+        "the router to see n1 down", lambda: not cluster.status()["n1"]["up"], timeout=30
+    )
+    # Reads still work, from the slaves.
+    for key in ("first-000", "while-slave2-down-029", "after-slave3-crash-004"):
+        got = cluster.ctl("read", key)
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert got.stdout.strip() == cluster.acked[key]
+
+    cluster.compose("start", "master")
+    cluster.wait_healthy(["master"], timeout=90)
+
+    def write_accepted() -> bool:
+        return cluster.ctl("write", "after-master-back", "y").returncode == 0
+
+    cluster.wait_for("writes to be accepted again", write_accepted, timeout=60)
+    cluster.acked["after-master-back"] = "y"
+    assert missing_on(cluster, "master") == {}
+    assert master_last_index(cluster) > index
+    new_index = master_last_index(cluster)
+    for service in ("slave1", "slave2", "slave3"):
+        cluster.wait_for(
+            f"{service} at {new_index}",
+            lambda s=service: caught_up(cluster, s, new_index),
+            timeout=60,
+        )
+        assert missing_on(cluster, service) == {}
+
+
+def test_down_then_up_keeps_the_data(cluster: Any) -> None:
+    index = master_last_index(cluster)
+    cluster.compose("down", "--timeout", "10")
+    assert cluster.compose("ps", "-q").stdout.strip() == ""
+    cluster.compose("up", "-d")
+    cluster.wait_healthy(timeout=120)
+    assert master_last_index(cluster) >= index
+    for service in cluster.node_services:
+        cluster.wait_for(
+            f"{service} at {index}", lambda s=service: caught_up(cluster, s, index), timeout=60
+        )
+        assert missing_on(cluster, service) == {}
+    for key in ("first-001", "after-master-back"):
+        assert cluster.ctl("read", key, check=True).stdout.strip() == cluster.acked[key]
