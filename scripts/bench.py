@@ -189,6 +189,18 @@ class PhaseResult:
 Op = Callable[[Any, int], Awaitable[Any]]
 
 
+
+def delays_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The slave-side delay histogram of only the entries applied between two status calls."""
+    from cluster.node.stats import percentile
+    old = {b: n for b, n in before.get("buckets", [])}
+    run = [(b, n - old.get(b, 0)) for b, n in after.get("buckets", []) if n > old.get(b, 0)]
+    top = max((b for b, _ in run), default=None)
+    return {"entries_in_run": after.get("count", 0) - before.get("count", 0),
+            "p50": percentile(run, 0.5), "p99": percentile(run, 0.99),
+            "max": after.get("max") if top is not None and after.get("max") != before.get(
+                "max") else top}
+
 async def run_phase(conns: list[Any], pipeline: int, ops: int, op: Op,
                     record_index: bool = False) -> PhaseResult:
     """``ops`` calls of ``op(conn, i)`` by ``len(conns) * pipeline`` workers."""
@@ -348,11 +360,8 @@ async def bench_replkv(args: argparse.Namespace, target: Target) -> dict[str, An
         after = await slave_status(target)
         per_slave = {}
         for n, st in after.items():
-            d = dict(st.get("repl_delay_ms") or {})
-            d["entries_in_run"] = d.get("count", 0) - (before[n].get("repl_delay_ms") or {}).get(
-                "count", 0)
-            d["older_entries_in_window"] = max(0, d.get("window", 0) - d["entries_in_run"])
-            per_slave[n] = d
+            per_slave[n] = delays_between(before[n].get("repl_delay_ms") or {},
+                                          st.get("repl_delay_ms") or {})
         worst = max(per_slave.values(), key=lambda d: (d.get("p99") or 0, d.get("max") or 0),
                     default={})
         res["repl_delay_ms"] = {
@@ -729,10 +738,8 @@ def print_text(out: dict[str, Any]) -> None:
           f"p50 {fmt(d['worst']['p50'])}  p99 {fmt(d['worst']['p99'])}  "
           f"max {fmt(d['worst']['max'])}")
     for n, s in d["per_slave"].items():
-        extra = (f"  (window holds {s['older_entries_in_window']} entries from before this run)"
-                 if s.get("older_entries_in_window") else "")
         print(f"  {n}: p50 {fmt(s.get('p50'))}  p99 {fmt(s.get('p99'))}  max {fmt(s.get('max'))}"
-              f"  entries {s.get('entries_in_run')}{extra}")
+              f"  entries {s.get('entries_in_run')}")
     print("  (entry ts is taken when the master appends, before its fsync and reply: an upper "
           "bound of the lag from the reply)")
     if "client_lag_ms" in r:
