@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
 
 from cluster.config import Address, Limits
 from cluster.errors import (
@@ -25,13 +26,22 @@ from cluster.wire.messages import ErrorReply, Reply, Request
 
 log = logging.getLogger(__name__)
 
+ReplyCallback = Callable[[Reply | ErrorReply | ReplError], None]
+
+
+def _deliver(callback: ReplyCallback, result: Reply | ErrorReply | ReplError) -> None:
+    try:
+        callback(result)
+    except Exception:  # one caller's bug must not break the connection for the others
+        log.exception("reply callback failed")
+
 
 class Connection:
     def __init__(self, stream: FramedStream, address: Address) -> None:
         self.address = address
         self._stream = stream
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Reply | ErrorReply]] = {}
+        self._pending: dict[int, ReplyCallback] = {}
         self._closed: ReplError | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -48,14 +58,29 @@ class Connection:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def send(self, request: Request) -> asyncio.Future[Reply | ErrorReply]:
-        """Send now (pipelined) and return a future for the reply. ``request.id`` must come
-        from :meth:`next_id`."""
+    def send_frame(self, request_id: int, frame: bytes, callback: ReplyCallback) -> None:
+        """Send an encoded request; ``callback`` gets its reply, or the error that closed
+        the connection, straight from the read loop. ``request_id`` must come from
+        :meth:`next_id`."""
         if self._closed is not None:
             raise NetworkError(f"connection to {self.address} is closed: {self._closed}")
+        self._pending[request_id] = callback
+        self._stream.send_raw(frame)
+
+    def send(self, request: Request) -> asyncio.Future[Reply | ErrorReply]:
+        """Send now (pipelined) and return a future for the reply."""
         fut: asyncio.Future[Reply | ErrorReply] = asyncio.get_running_loop().create_future()
-        self._pending[request.id] = fut
-        self._stream.send(request)
+
+        def settle(result: Reply | ErrorReply | ReplError) -> None:
+            if fut.done():
+                return
+            if isinstance(result, ReplError):
+                fut.set_exception(result)
+                fut.exception()  # mark retrieved: the caller may have given up
+            else:
+                fut.set_result(result)
+
+        self.send_frame(request.id, codec.frame(request), settle)
         return fut
 
     async def call(self, request: Request, timeout: float = 10.0) -> Reply | ErrorReply:
@@ -80,9 +105,9 @@ class Connection:
                     if isinstance(msg, ErrorReply) and msg.id == 0:
                         # a protocol error the server could not tie to a request: it closes
                         raise error_for_code(msg.code, msg.message)
-                    fut = self._pending.pop(msg.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
+                    callback = self._pending.pop(msg.id, None)
+                    if callback is not None:
+                        _deliver(callback, msg)
         except ReplError as exc:
             error = exc
         except (OSError, ConnectionError) as exc:
@@ -94,10 +119,8 @@ class Connection:
     def _fail_all(self, error: ReplError) -> None:
         self._closed = error
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()  # mark retrieved: the caller may have given up
+        for callback in pending.values():
+            _deliver(callback, error)
 
     async def close(self) -> None:
         self._reader.cancel()

@@ -220,17 +220,11 @@ class Router:
             self.table.failed(node, "no connection")
             self._retry_or_fail(msg, node, stream, tried, "no connection to the node")
             return
-        fut = conn.send(dataclasses.replace(msg, id=conn.next_id()))
-
-        def done(f: asyncio.Future[Reply | ErrorReply]) -> None:
-            if f.cancelled():
+        def done(reply: Reply | ErrorReply | ReplError) -> None:
+            if isinstance(reply, ReplError):
+                self._node_failed(node, conn, str(reply))
+                self._retry_or_fail(msg, node, stream, tried, str(reply))
                 return
-            exc = f.exception()
-            if exc is not None:
-                self._node_failed(node, conn, str(exc))
-                self._retry_or_fail(msg, node, stream, tried, str(exc))
-                return
-            reply = f.result()
             if isinstance(reply, ErrorReply):
                 if reply.code in (Behind.code, NotMaster.code) and isinstance(msg, Get | Scan):
                     self._retry_or_fail(msg, node, stream, tried, reply.message)
@@ -241,7 +235,8 @@ class Router:
                 self.table.applied(node, int(reply.fields["index"]))
             stream.send(Reply(msg.id, reply.fields))
 
-        fut.add_done_callback(done)
+        rid = conn.next_id()
+        conn.send_frame(rid, codec.frame_with_id(msg, rid), done)
 
     def _retry_or_fail(self, msg: Request, node: NodeId, stream: FramedStream,
                        tried: frozenset[NodeId], why: str) -> None:

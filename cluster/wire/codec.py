@@ -123,6 +123,13 @@ def frame(msg: Message) -> bytes:
     return encode_frame(_pack(to_wire(msg)))
 
 
+def frame_with_id(msg: Message, new_id: int) -> bytes:
+    """``msg`` as a frame, under another request id (the router's on its link to a node)."""
+    data = to_wire(msg)
+    data["id"] = new_id
+    return encode_frame(_pack(data))
+
+
 def frame_map(data: dict[str, Any]) -> bytes:
     """A raw map as a complete frame (the router relays replies it does not interpret)."""
     return encode_frame(_pack(data))
