@@ -81,7 +81,9 @@ class MasterCore:
         snapshot = not self.log.has(match + 1) and match < self.log.last_index
         f.up = True
         f.last_contact = now_ms
-        f.acked = match if not snapshot else 0
+        # only what the slave acknowledges from now on counts: its log may hold entries it
+        # wrote but has not yet made durable
+        f.acked = 0 if snapshot else min(f.acked, match)
         f.next_index = match + 1
         f.needs_snapshot = snapshot
         return SyncPlan(match, snapshot)

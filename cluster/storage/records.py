@@ -50,14 +50,29 @@ def iter_records(data: bytes, start: int) -> Iterator[tuple[int, bytes] | Damage
             yield Damage(pos, f"record length {length} is impossible", at_tail=False)
             return
         if body + length > end:
-            yield Damage(pos, "record cut short", at_tail=True)
+            # a torn write, or a damaged length field with good records after it
+            yield Damage(pos, "record cut short", at_tail=not _record_follows(data, pos + 1))
             return
         payload = data[body : body + length]
         if zlib.crc32(payload, zlib.crc32(length.to_bytes(4, "big"))) != crc:
-            yield Damage(pos, "checksum mismatch", at_tail=body + length == end)
+            yield Damage(pos, "checksum mismatch", at_tail=body + length == end
+                         and not _record_follows(data, pos + 1))
             return
         yield pos, payload
         pos = body + length
+
+
+def _record_follows(data: bytes, start: int) -> bool:
+    """Whether a whole, valid record begins anywhere from ``start``: then the damage before
+    it is not a torn final write. Only runs when damage was found."""
+    end = len(data)
+    for pos in range(start, end - RECORD_HEADER.size):
+        length, crc = RECORD_HEADER.unpack_from(data, pos)
+        body = pos + RECORD_HEADER.size
+        if 0 < length <= end - body and zlib.crc32(
+                data[body : body + length], zlib.crc32(length.to_bytes(4, "big"))) == crc:
+            return True
+    return False
 
 
 def fsync_dir(path: Path) -> None:

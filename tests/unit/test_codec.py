@@ -1,0 +1,395 @@
+"""The codec: every message round-trips, and anything else raises a ProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.config import Limits
+from cluster.errors import BadFrame, BadRequest, ProtocolError, TooLarge, UnknownOp
+from cluster.types import Acks, Consistency, Entry, Op
+from cluster.wire import codec
+from cluster.wire.framing import FrameDecoder
+from cluster.wire.messages import (
+    Ack,
+    Append,
+    Delete,
+    ErrorReply,
+    Get,
+    Message,
+    Ping,
+    Reply,
+    Scan,
+    Set,
+    SnapshotChunk,
+    Status,
+    Sync,
+)
+
+MAX_ID = 2**63 - 1
+LIMITS = Limits()
+
+FAST = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+ids = st.integers(0, MAX_ID)
+small_ints = st.integers(0, 2**40)
+keys = st.text(max_size=40)
+values: st.SearchStrategy[bytes | str] = st.one_of(st.binary(max_size=64), st.text(max_size=64))
+
+
+@st.composite
+def entries(draw: st.DrawFn, index: int | None = None) -> Entry:
+    op = draw(st.sampled_from(Op))
+    return Entry(
+        index if index is not None else draw(st.integers(1, MAX_ID)),
+        draw(small_ints),
+        draw(st.integers(0, 2**50)),
+        op,
+        draw(keys),
+        draw(values) if op is Op.SET else None,
+    )
+
+
+@st.composite
+def appends(draw: st.DrawFn) -> Append:
+    prev = draw(st.integers(0, 2**40))
+    n = draw(st.integers(0, 5))
+    es = tuple(draw(entries(prev + 1 + i)) for i in range(n))
+    return Append(draw(small_ints), prev, draw(small_ints), es, draw(small_ints))
+
+
+reply_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), MAX_ID),
+                          st.text(max_size=10), st.binary(max_size=10))
+reply_values = st.recursive(
+    reply_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=10,
+)
+reply_fields = st.dictionaries(
+    st.text(max_size=10).filter(lambda k: k not in ("id", "ok", "op")), reply_values, max_size=5
+)
+
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Set, ids, keys, values, st.sampled_from(Acks)),
+    st.builds(Delete, ids, keys, st.sampled_from(Acks)),
+    st.builds(Get, ids, keys, st.integers(0, MAX_ID), st.sampled_from(Consistency)),
+    st.builds(Scan, ids, st.none() | keys, st.integers(1, 100_000)),
+    st.builds(Status, ids),
+    st.builds(Ping, ids),
+    st.builds(Sync, ids, st.text(max_size=20), small_ints, small_ints,
+              st.lists(st.tuples(small_ints, small_ints), max_size=5).map(tuple)),
+    appends(),
+    st.builds(SnapshotChunk, small_ints, small_ints, small_ints, st.binary(max_size=100),
+              st.booleans()),
+    st.builds(Ack, small_ints, small_ints),
+    st.builds(Reply, ids, reply_fields),
+    st.builds(ErrorReply, ids, st.text(max_size=20), st.text(max_size=50),
+              st.none() | st.text(max_size=10)),
+)
+
+
+def raw(m: dict[str, Any]) -> bytes:
+    """A hand-made map as a payload."""
+    return codec.pack_obj(m)
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+@FAST
+@given(messages)
+def test_every_message_round_trips(msg: Message) -> None:
+    assert codec.decode(codec.encode(msg), LIMITS) == msg
+
+
+@FAST
+@given(st.lists(messages, max_size=8), st.data())
+def test_frames_round_trip_through_the_decoder_split_anywhere(
+    msgs: list[Message], data: st.DataObject
+) -> None:
+    stream = b"".join(codec.frame(m) for m in msgs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    dec = FrameDecoder(LIMITS.max_frame)
+    out: list[Message] = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        out.extend(codec.decode(p, LIMITS) for p in dec.feed(stream[prev:cut]))
+        prev = cut
+    assert out == msgs
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Set(1, "k", b"\x00\xff"),
+        Set(2, "k", "text"),
+        Set(3, "ключ", "значение", Acks.MAJORITY),
+        Delete(4, "k", Acks.MAJORITY),
+        Get(5, "k"),
+        Get(6, "k", 17, Consistency.STRONG),
+        Scan(7),
+        Scan(8, "after", 5),
+        Status(9),
+        Ping(MAX_ID),
+        Sync(10, "n2", 3, 42, ((1, 1), (3, 40))),
+        Append(3, 41, 3, (Entry(42, 3, 1000, Op.SET, "a", b"1"),
+                          Entry(43, 3, 1001, Op.DELETE, "a", None)), 43),
+        Append(3, 43, 3, (), 43),
+        SnapshotChunk(3, 43, 0, b"abc", False),
+        Ack(3, 43),
+        Reply(11, {"index": 5, "items": [["a", b"b"]], "more": False}),
+        Reply(12, {}),
+        ErrorReply(13, "not_master", "go away", "n1"),
+        ErrorReply(14, "bad_request", "nope"),
+    ],
+)
+def test_examples_round_trip(msg: Message) -> None:
+    assert codec.decode(codec.encode(msg), LIMITS) == msg
+    assert codec.frame(msg)[4:] == codec.encode(msg)
+    assert int.from_bytes(codec.frame(msg)[:4], "big") == len(codec.encode(msg))
+
+
+def test_bytes_and_str_values_stay_distinct() -> None:
+    a = codec.decode(codec.encode(Set(1, "k", b"v")), LIMITS)
+    b = codec.decode(codec.encode(Set(1, "k", "v")), LIMITS)
+    assert isinstance(a, Set) and isinstance(b, Set)
+    assert type(a.value) is bytes and type(b.value) is str
+
+
+@FAST
+@given(entries())
+def test_pack_entry_round_trips(e: Entry) -> None:
+    assert codec.unpack_entry(codec.pack_entry(e)) == e
+
+
+def test_frame_map_round_trips_through_decode_map() -> None:
+    m = {"id": 3, "ok": True, "anything": [1, 2]}
+    payload = codec.frame_map(m)[4:]
+    assert codec.decode_map(payload) == m
+
+
+# --- garbage -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_raise_only_protocol_errors(payload: bytes) -> None:
+    try:
+        msg = codec.decode(payload, LIMITS)
+    except ProtocolError:
+        return
+    assert isinstance(msg, (Reply, ErrorReply, Set, Delete, Get, Scan, Status, Ping, Sync,
+                            Append, SnapshotChunk, Ack))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_in_storage_helpers_raise_only_protocol_errors(payload: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        assert isinstance(codec.unpack_entry(payload), Entry)
+    with contextlib.suppress(BadFrame):
+        assert isinstance(codec.decode_map(payload), dict)
+
+
+_any_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
+              st.floats(allow_nan=False), st.text(max_size=8), st.binary(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=6),
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=12,
+)
+_field_names = st.sampled_from([
+    "id", "op", "key", "value", "acks", "min_index", "consistency", "after", "limit", "node",
+    "epoch", "last_index", "epochs", "prev_index", "prev_epoch", "entries", "commit", "index",
+    "offset", "data", "done", "ok", "code", "message", "master",
+])
+_ops = st.sampled_from(["set", "delete", "get", "scan", "status", "ping", "sync", "append",
+                        "snapshot", "ack", "nope", ""])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_field_names, _any_value, max_size=8), st.none() | _ops)
+def test_random_maps_raise_only_protocol_errors(m: dict[str, Any], op: str | None) -> None:
+    if op is not None:
+        m["op"] = op
+    try:
+        codec.decode(raw(m), Limits(max_key=16, max_value=16))
+    except ProtocolError as exc:
+        rid = m.get("id")
+        if codec.request_id_of(exc) is not None:
+            assert codec.request_id_of(exc) == rid
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xc1", b"\x92\x01", raw([1, 2]), raw("text"), raw(5), b"\x81", b"\xde\x00\x01"],
+)
+def test_non_maps_and_truncated_msgpack_are_bad_frames(payload: bytes) -> None:
+    with pytest.raises(BadFrame) as info:
+        codec.decode(payload, LIMITS)
+    assert codec.request_id_of(info.value) is None
+
+
+def test_trailing_bytes_after_a_map_are_a_bad_frame() -> None:
+    with pytest.raises(BadFrame):
+        codec.decode(codec.encode(Ping(1)) + b"\x00", LIMITS)
+
+
+def test_invalid_utf8_is_a_bad_frame() -> None:
+    # fixstr of 2 bytes holding an invalid UTF-8 sequence
+    payload = b"\x82\xa2op\xa3set\xa3key\xa2\xff\xfe"
+    with pytest.raises(BadFrame):
+        codec.decode(payload, LIMITS)
+
+
+WRONG: list[tuple[dict[str, Any], type[ProtocolError], int | None]] = [
+    ({"op": "set", "id": 7, "key": 5, "value": "v"}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": [1]}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": None}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k"}, BadRequest, 7),
+    ({"op": "set", "id": 7, "value": "v"}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": "bogus"}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": ["majority"]}, BadRequest, 7),
+    ({"op": "set", "id": -1, "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "set", "id": 1.0, "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "set", "id": 2**63, "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "set", "id": True, "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "set", "id": "7", "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "set", "key": "k", "value": "v"}, BadRequest, None),
+    ({"op": "delete", "id": 8, "key": b"k"}, BadRequest, 8),
+    ({"op": "get", "id": 9, "key": "k", "min_index": -1}, BadRequest, 9),
+    ({"op": "get", "id": 9, "key": "k", "min_index": "1"}, BadRequest, 9),
+    ({"op": "get", "id": 9, "key": "k", "consistency": "eventual"}, BadRequest, 9),
+    ({"op": "scan", "id": 10, "after": 3}, BadRequest, 10),
+    ({"op": "scan", "id": 10, "limit": 0}, BadRequest, 10),
+    ({"op": "scan", "id": 10, "limit": 100_001}, BadRequest, 10),
+    ({"op": "sync", "id": 11, "node": "n2", "epoch": 1, "last_index": 0, "epochs": [[1]]},
+     BadRequest, 11),
+    ({"op": "sync", "id": 11, "node": "n2", "epoch": 1, "last_index": 0, "epochs": [[1, -1]]},
+     BadRequest, 11),
+    ({"op": "sync", "id": 11, "node": "n2", "epoch": 1, "last_index": 0, "epochs": "x"},
+     BadRequest, 11),
+    ({"op": "sync", "id": 11, "node": 2, "epoch": 1, "last_index": 0, "epochs": []},
+     BadRequest, 11),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": [[1, 1, 0, "set", "k"]]}, BadRequest, None),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": [[0, 1, 0, "set", "k", "v"]]}, BadRequest, None),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": [[1, 1, 0, "put", "k", "v"]]}, BadRequest, None),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": [[1, 1, 0, "del", "k", "v"]]}, BadRequest, None),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": [[1, 1, 0, "set", "k", None]]}, BadRequest, None),
+    ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": "nope"}, BadRequest, None),
+    ({"op": "append", "epoch": -1, "prev_index": 0, "prev_epoch": 0, "commit": 0,
+      "entries": []}, BadRequest, None),
+    ({"op": "snapshot", "epoch": 1, "index": 1, "offset": 0, "data": "text", "done": True},
+     BadRequest, None),
+    ({"op": "snapshot", "epoch": 1, "index": 1, "offset": 0, "data": b"", "done": 1},
+     BadRequest, None),
+    ({"op": "ack", "epoch": 1}, BadRequest, None),
+    ({"op": 5, "id": 12}, BadRequest, 12),
+    ({"op": "frobnicate", "id": 13}, UnknownOp, 13),
+    ({"op": "frobnicate", "id": -13}, UnknownOp, None),
+    ({"op": "frobnicate"}, UnknownOp, None),
+    ({"id": 14}, BadRequest, 14),
+    ({"id": 15, "ok": False, "code": 1, "message": "m"}, BadFrame, 15),
+    ({"id": "x", "ok": True}, BadFrame, None),
+]
+
+
+@pytest.mark.parametrize(("m", "cls", "rid"), WRONG, ids=[repr(w[0])[:70] for w in WRONG])
+def test_wrong_field_types(m: dict[str, Any], cls: type[ProtocolError], rid: int | None) -> None:
+    with pytest.raises(cls) as info:
+        codec.decode(raw(m), LIMITS)
+    assert type(info.value) is cls
+    assert codec.request_id_of(info.value) == rid
+    assert str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("m", "expected"),
+    [
+        ({"op": "set", "id": 1, "key": "k", "value": "v", "acks": None}, Set(1, "k", "v")),
+        ({"op": "get", "id": 1, "key": "k", "min_index": None, "consistency": None},
+         Get(1, "k")),
+        ({"op": "scan", "id": 1, "after": None, "limit": None}, Scan(1)),
+    ],
+)
+def test_nil_means_the_default(m: dict[str, Any], expected: Message) -> None:
+    assert codec.decode(raw(m), LIMITS) == expected
+
+
+def test_bad_request_names_the_field() -> None:
+    with pytest.raises(BadRequest, match="min_index"):
+        codec.decode(raw({"op": "get", "id": 1, "key": "k", "min_index": -1}), LIMITS)
+    with pytest.raises(BadRequest, match="acks"):
+        codec.decode(raw({"op": "set", "id": 1, "key": "k", "value": "v", "acks": "bogus"}),
+                     LIMITS)
+
+
+def test_request_id_of_ignores_foreign_exceptions() -> None:
+    assert codec.request_id_of(ValueError("x")) is None
+    err = BadRequest("x")
+    err.request_id = "7"  # type: ignore[attr-defined]
+    assert codec.request_id_of(err) is None
+
+
+# --- size limits ---------------------------------------------------------------------------------
+
+SMALL = Limits(max_key=4, max_value=8)
+
+
+@pytest.mark.parametrize(
+    "m",
+    [
+        {"op": "set", "id": 1, "key": "abcd", "value": b"12345678"},
+        {"op": "set", "id": 1, "key": "ab", "value": "€€"},  # 6 bytes
+        {"op": "set", "id": 1, "key": "éé", "value": ""},  # key of exactly 4 bytes
+        {"op": "get", "id": 1, "key": "abcd"},
+        {"op": "scan", "id": 1, "after": "abcd"},
+    ],
+)
+def test_at_the_limits_is_accepted(m: dict[str, Any]) -> None:
+    codec.decode(raw(m), SMALL)
+
+
+@pytest.mark.parametrize(
+    "m",
+    [
+        {"op": "set", "id": 21, "key": "abcde", "value": b""},
+        {"op": "set", "id": 21, "key": "ééé", "value": b""},  # 3 characters, 6 bytes
+        {"op": "set", "id": 21, "key": "k", "value": b"123456789"},
+        {"op": "set", "id": 21, "key": "k", "value": "123456789"},
+        {"op": "set", "id": 21, "key": "k", "value": "€€€"},  # 3 characters, 9 bytes
+        {"op": "delete", "id": 21, "key": "😀😀"},  # 2 characters, 8 bytes
+        {"op": "get", "id": 21, "key": "abcde"},
+        {"op": "scan", "id": 21, "after": "ééé"},
+    ],
+)
+def test_over_the_limits_is_too_large(m: dict[str, Any]) -> None:
+    with pytest.raises(TooLarge) as info:
+        codec.decode(raw(m), SMALL)
+    assert codec.request_id_of(info.value) == 21
+    assert isinstance(info.value, BadRequest)
+
+
+@FAST
+@given(st.text(max_size=12), st.one_of(st.text(max_size=12), st.binary(max_size=12)))
+def test_limits_count_encoded_bytes(key: str, value: str | bytes) -> None:
+    key_len = len(key.encode())
+    value_len = len(value.encode()) if isinstance(value, str) else len(value)
+    payload = codec.encode(Set(3, key, value))
+    if key_len > SMALL.max_key or value_len > SMALL.max_value:
+        with pytest.raises(TooLarge):
+            codec.decode(payload, SMALL)
+    else:
+        assert codec.decode(payload, SMALL) == Set(3, key, value)

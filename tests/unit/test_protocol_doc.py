@@ -1,0 +1,174 @@
+"""docs/PROTOCOL.md must not drift from the code.
+
+The worked examples in the document are hex dumps between markers::
+
+    <!-- frame: NAME -->
+    ```text
+    00 00 00 1a 84 ...
+    ```
+
+    <!-- breakdown: NAME -->
+    ```text
+    00 00 00 1a        | length prefix ...
+    84                 | fixmap, 4 pairs
+    ```
+
+Each dump must be exactly what the codec produces for the message registered under NAME
+below, and must decode back to that message. Each breakdown must list the same bytes in
+the same order. The error code table and the limits table are checked against
+:mod:`cluster.errors` and :class:`cluster.config.Limits`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster import errors
+from cluster.config import Limits
+from cluster.types import Acks, Entry, Op
+from cluster.wire import codec
+from cluster.wire.framing import HEADER, FrameDecoder
+from cluster.wire.messages import Append, ErrorReply, Get, Message, Reply, Set
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+# The message each worked example in the document claims to show.
+EXAMPLES: dict[str, Message] = {
+    "set-request": Set(1, "k", "v"),
+    "set-reply": Reply(1, {"index": 42}),
+    "set-bin-request": Set(2, "img", b"\x00\xff", Acks.MAJORITY),
+    "get-request": Get(3, "k", 42),
+    "get-reply": Reply(3, {"found": True, "index": 42, "node": "n2", "value": "v"}),
+    "error-reply": ErrorReply(1, "not_master", "this node is a slave; writes go to n1", "n1"),
+    "append": Append(
+        1, 4, 1,
+        (Entry(5, 1, 1_700_000_000_000, Op.SET, "k", "v"),
+         Entry(6, 1, 1_700_000_000_001, Op.DELETE, "k", None)),
+        6,
+    ),
+}
+
+_HEX_BYTE = re.compile(r"^[0-9a-f]{2}$")
+
+
+@pytest.fixture(scope="module")
+def doc() -> str:
+    return DOC.read_text(encoding="utf-8")
+
+
+def _blocks(doc: str, kind: str) -> dict[str, str]:
+    """``{name: body}`` of each fenced block right after ``<!-- kind: name -->``."""
+    pattern = re.compile(
+        r"<!--\s*" + kind + r":\s*([\w-]+)\s*-->\s*\n```[a-z]*\n(.*?)\n```", re.DOTALL
+    )
+    found: dict[str, str] = {}
+    for m in pattern.finditer(doc):
+        assert m.group(1) not in found, f"two {kind} blocks named {m.group(1)!r}"
+        found[m.group(1)] = m.group(2)
+    return found
+
+
+def _hex_bytes(text: str, where: str) -> bytes:
+    tokens = text.split()
+    bad = [t for t in tokens if not _HEX_BYTE.match(t)]
+    assert not bad, f"{where}: not hex bytes: {bad[:5]}"
+    return bytes(int(t, 16) for t in tokens)
+
+
+def _frames(doc: str) -> dict[str, bytes]:
+    return {name: _hex_bytes(body, f"frame {name}")
+            for name, body in _blocks(doc, "frame").items()}
+
+
+def _breakdowns(doc: str) -> dict[str, bytes]:
+    out = {}
+    for name, body in _blocks(doc, "breakdown").items():
+        parts = []
+        for n, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            assert "|" in line, f"breakdown {name}, line {n}: no '|' between bytes and comment"
+            parts.append(_hex_bytes(line.split("|", 1)[0], f"breakdown {name}, line {n}"))
+        out[name] = b"".join(parts)
+    return out
+
+
+def _table(doc: str, marker: str) -> list[list[str]]:
+    """The data rows of the markdown table between ``<!-- marker -->`` and
+    ``<!-- /marker -->``, as lists of stripped cells."""
+    m = re.search(r"<!--\s*" + marker + r"\s*-->(.*?)<!--\s*/" + marker + r"\s*-->", doc,
+                  re.DOTALL)
+    assert m, f"no <!-- {marker} --> ... <!-- /{marker} --> section in {DOC}"
+    rows = []
+    for line in m.group(1).strip().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the separator row
+        rows.append(cells)
+    return rows[1:]  # drop the header row
+
+
+# --- worked examples ---------------------------------------------------------------------------
+
+
+def test_every_example_is_in_the_doc(doc: str) -> None:
+    assert set(_frames(doc)) == set(EXAMPLES)
+    assert set(_breakdowns(doc)) == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_frame_is_what_the_codec_produces(doc: str, name: str) -> None:
+    assert _frames(doc)[name].hex(" ") == codec.frame(EXAMPLES[name]).hex(" ")
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_frame_decodes_to_the_stated_message(doc: str, name: str) -> None:
+    data = _frames(doc)[name]
+    (length,) = HEADER.unpack_from(data)
+    assert length == len(data) - HEADER.size, "the length prefix does not match the payload"
+    payloads = FrameDecoder(Limits().max_frame).feed(data)
+    assert len(payloads) == 1
+    assert codec.decode(payloads[0], Limits()) == EXAMPLES[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_breakdown_lists_the_frame_bytes_in_order(doc: str, name: str) -> None:
+    assert _breakdowns(doc)[name].hex(" ") == _frames(doc)[name].hex(" ")
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def test_error_table_lists_every_wire_code(doc: str) -> None:
+    rows = _table(doc, "error-codes")
+    codes = [r[0].strip("`") for r in rows]
+    assert len(codes) == len(set(codes)), "a code appears twice in the error table"
+    assert set(codes) == set(errors.WIRE_ERROR_CODES)
+
+
+def test_error_table_retriable_column_matches_the_code(doc: str) -> None:
+    for row in _table(doc, "error-codes"):
+        code, retriable = row[0].strip("`"), row[1]
+        assert retriable in ("yes", "no"), f"{code}: retriable must be yes or no"
+        expected = errors.error_for_code(code, "").retriable
+        assert (retriable == "yes") == expected, f"{code}: the doc says retriable={retriable}"
+
+
+def test_limits_table_matches_the_defaults(doc: str) -> None:
+    rows = {r[0].strip("`"): r[1] for r in _table(doc, "limits")}
+    defaults = Limits()
+    assert rows == {
+        "max_frame": str(defaults.max_frame),
+        "max_key": str(defaults.max_key),
+        "max_value": str(defaults.max_value),
+    }
+
+
+def test_every_client_op_has_a_section(doc: str) -> None:
+    for op in ("set", "delete", "get", "scan", "status", "ping"):
+        assert re.search(rf"^### `{op}`$", doc, re.MULTILINE), f"no section for {op!r}"
+    for op in ("sync", "snapshot", "append", "ack"):
+        assert re.search(rf"^### `{op}` \(", doc, re.MULTILINE), f"no section for {op!r}"

@@ -1,0 +1,807 @@
+"""Files on disk: the write-ahead log, snapshots and the store that ties them together.
+
+Everything runs in ``tmp_path``; damage is made by editing the files' bytes directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.errors import ConfigError, CorruptLog
+from cluster.storage.records import (
+    RECORD_HEADER,
+    Damage,
+    encode_record,
+    iter_records,
+    write_atomic,
+)
+from cluster.storage.snapshot import SnapshotMeta, parse_snapshot, read_snapshot, write_snapshot
+from cluster.storage.store import Store
+from cluster.storage.wal import MAGIC, WAL, encode_entries, segment_name
+from cluster.types import Entry, Op, Value
+
+WAL_LOGGER = "cluster.storage.wal"
+
+
+def put(index: int, key: str | None = None, value: Value | None = None,
+        epoch: int = 1) -> Entry:
+    return Entry(index, epoch, 1_000 + index, Op.SET, key if key is not None else f"k{index}",
+                 value if value is not None else f"value-{index}")
+
+
+def delete(index: int, key: str, epoch: int = 1) -> Entry:
+    return Entry(index, epoch, 1_000 + index, Op.DELETE, key, None)
+
+
+def puts(first: int, last: int, epoch: int = 1) -> list[Entry]:
+    return [put(i, epoch=epoch) for i in range(first, last + 1)]
+
+
+def record_offsets(data: bytes) -> list[int]:
+    """Offsets of the records in a segment's bytes."""
+    out = []
+    for rec in iter_records(data, len(MAGIC)):
+        assert not isinstance(rec, Damage)
+        out.append(rec[0])
+    return out
+
+
+def wal_with(directory: Path, entries: list[Entry]) -> Path:
+    """A closed single-segment log holding ``entries``; returns the segment's path."""
+    wal, got = WAL.open(directory, after=0)
+    assert got == []
+    wal.append(entries)
+    wal.sync()
+    wal.close()
+    (seg,) = wal.segments
+    return seg
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def test_records_round_trip_and_report_a_clean_end() -> None:
+    data = b"HEAD" + encode_record(b"one") + encode_record(b"") + encode_record(b"three")
+    got = list(iter_records(data, 4))
+    assert [r[1] for r in got if not isinstance(r, Damage)] == [b"one", b"", b"three"]
+    assert len(got) == 3
+
+
+def test_record_header_layout() -> None:
+    rec = encode_record(b"abc")
+    length, _crc = RECORD_HEADER.unpack_from(rec)
+    assert length == 3 and rec[RECORD_HEADER.size :] == b"abc"
+
+
+def test_write_atomic_failure_keeps_the_old_file_and_no_tmp(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    write_atomic(target, [b"old"])
+
+    def chunks() -> Iterator[bytes]:
+        yield b"new"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(target, chunks())
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# --- WAL -----------------------------------------------------------------------------------------
+
+
+def test_wal_new_directory_is_empty_and_starts_after_the_snapshot(tmp_path: Path) -> None:
+    wal, entries = WAL.open(tmp_path / "wal", after=7)
+    assert entries == []
+    assert [p.name for p in wal.segments] == [segment_name(8)]
+    assert wal.segments[0].read_bytes() == MAGIC
+    wal.close()
+
+
+def test_wal_reopen_and_append(tmp_path: Path) -> None:
+    d = tmp_path / "wal"
+    wal, _ = WAL.open(d, after=0)
+    wal.append(puts(1, 3))
+    wal.close()
+    wal, entries = WAL.open(d, after=0)
+    assert entries == puts(1, 3)
+    wal.append(puts(4, 5))
+    wal.append([delete(6, "k1")])
+    wal.close()
+    wal, entries = WAL.open(d, after=0)
+    assert entries == [*puts(1, 5), delete(6, "k1")]
+    wal.close()
+
+
+def test_wal_keeps_bytes_and_str_values_apart(tmp_path: Path) -> None:
+    es = [put(1, "a", b"\x00bin"), put(2, "b", "text"), put(3, "ключ", "значение")]
+    wal_with(tmp_path, es)
+    wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == es
+    assert type(entries[0].value) is bytes and type(entries[1].value) is str
+
+
+def test_wal_torn_tail_at_every_byte_of_the_last_record(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    es = puts(1, 4)
+    seg = wal_with(tmp_path, es)
+    whole = seg.read_bytes()
+    last = record_offsets(whole)[-1]
+    assert len(whole) - last > RECORD_HEADER.size + 4
+    for cut in range(last + 1, len(whole)):
+        seg.write_bytes(whole[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=WAL_LOGGER):
+            wal, entries = WAL.open(tmp_path, after=0)
+        assert entries == es[:-1], cut
+        assert seg.stat().st_size == last, cut
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "torn" in warnings[0].getMessage(), cut
+        assert str(seg) in warnings[0].getMessage()
+        # appending after the repair continues the log, and survives a reopen
+        wal.append([put(4, "new", "after-repair")])
+        wal.close()
+        wal, entries = WAL.open(tmp_path, after=0)
+        wal.close()
+        assert entries == [*es[:-1], put(4, "new", "after-repair")], cut
+
+
+def test_wal_cut_at_a_record_boundary_needs_no_repair(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    seg = wal_with(tmp_path, puts(1, 4))
+    whole = seg.read_bytes()
+    seg.write_bytes(whole[: record_offsets(whole)[-1]])
+    with caplog.at_level(logging.WARNING, logger=WAL_LOGGER):
+        wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == puts(1, 3)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_wal_flipped_byte_in_the_last_record_is_a_torn_tail(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    seg = wal_with(tmp_path, puts(1, 4))
+    data = bytearray(seg.read_bytes())
+    data[-1] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger=WAL_LOGGER):
+        wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == puts(1, 3)
+    assert "checksum" in caplog.text
+
+
+@pytest.mark.parametrize("zeros", [1, 7, 8, 9, 4096])
+def test_wal_zero_filled_tail_is_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                     zeros: int) -> None:
+    seg = wal_with(tmp_path, puts(1, 3))
+    size = seg.stat().st_size
+    with seg.open("ab") as f:
+        f.write(b"\x00" * zeros)
+    with caplog.at_level(logging.WARNING, logger=WAL_LOGGER):
+        wal, entries = WAL.open(tmp_path, after=0)
+    assert entries == puts(1, 3)
+    assert seg.stat().st_size == size
+    assert "torn" in caplog.text
+    wal.append([put(4)])
+    wal.close()
+    wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == puts(1, 4)
+
+
+def test_wal_zeroed_block_in_the_middle_is_corruption(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, puts(1, 6))
+    data = bytearray(seg.read_bytes())
+    offsets = record_offsets(bytes(data))
+    data[offsets[1] : offsets[3]] = bytes(offsets[3] - offsets[1])
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog):
+        WAL.open(tmp_path, after=0)
+
+
+def _assert_says_what_to_do(err: CorruptLog, path: Path) -> None:
+    text = str(err)
+    assert str(path) in text
+    assert "delete" in text.lower() or "restore" in text.lower()
+
+
+def test_wal_flipped_byte_in_an_early_payload_is_corruption(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, puts(1, 6))
+    whole = seg.read_bytes()
+    offsets = record_offsets(whole)
+    start, end = offsets[1] + RECORD_HEADER.size, offsets[2]
+    for pos in range(start, end):
+        data = bytearray(whole)
+        data[pos] ^= 0x20
+        seg.write_bytes(bytes(data))
+        with pytest.raises(CorruptLog) as info:
+            WAL.open(tmp_path, after=0)
+        _assert_says_what_to_do(info.value, seg)
+        assert seg.read_bytes() == bytes(data), "a corrupt log must be left as it is"
+
+
+def test_wal_flipped_bit_in_an_early_record_header_is_corruption(tmp_path: Path) -> None:
+    """A damaged length field must not pass for a torn tail: that would silently drop every
+    good record after it. Bug: a length that points past the end of the file is taken for a
+    torn write, and the rest of the log is truncated away."""
+    seg = wal_with(tmp_path, puts(1, 6))
+    whole = seg.read_bytes()
+    start = record_offsets(whole)[1]
+    lost: list[tuple[int, int]] = []
+    for pos in range(start, start + RECORD_HEADER.size):
+        for bit in range(8):
+            data = bytearray(whole)
+            data[pos] ^= 1 << bit
+            seg.write_bytes(bytes(data))
+            try:
+                wal, _ = WAL.open(tmp_path, after=0)
+            except CorruptLog as exc:
+                _assert_says_what_to_do(exc, seg)
+                continue
+            wal.close()
+            lost.append((pos - start, bit))
+    assert lost == [], f"(header byte, bit) flips taken for a torn tail, log cut: {lost}"
+
+
+def test_wal_corrupt_entry_with_a_good_checksum(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, puts(1, 2))
+    with seg.open("ab") as f:
+        f.write(encode_record(b"\x93\x01\x02\x03"))  # msgpack [1, 2, 3]: not an entry
+        f.write(encode_entries([put(4)]))
+    with pytest.raises(CorruptLog) as info:
+        WAL.open(tmp_path, after=0)
+    _assert_says_what_to_do(info.value, seg)
+
+
+def test_wal_entry_out_of_sequence_is_corruption(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, puts(1, 2))
+    with seg.open("ab") as f:
+        f.write(encode_entries([put(5)]))
+    with pytest.raises(CorruptLog, match="expected"):
+        WAL.open(tmp_path, after=0)
+
+
+def test_wal_bad_magic_is_corruption(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, puts(1, 2))
+    seg.write_bytes(b"NOTAWAL!" + seg.read_bytes()[len(MAGIC) :])
+    with pytest.raises(CorruptLog, match="magic"):
+        WAL.open(tmp_path, after=0)
+
+
+def test_wal_torn_magic_of_an_empty_last_segment_is_recreated(tmp_path: Path) -> None:
+    seg = wal_with(tmp_path, [])
+    seg.write_bytes(MAGIC[:3])
+    wal, entries = WAL.open(tmp_path, after=0)
+    assert entries == []
+    wal.append(puts(1, 1))
+    wal.close()
+    _, entries = WAL.open(tmp_path, after=0)
+    assert entries == puts(1, 1)
+
+
+def test_wal_roll_and_drop_through(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 6))
+    wal.roll(7)
+    wal.append(puts(7, 8))
+    assert [p.name for p in wal.segments] == [segment_name(1), segment_name(4), segment_name(7)]
+    wal.drop_through(5)  # segment 4..6 still holds 6
+    assert [p.name for p in wal.segments] == [segment_name(4), segment_name(7)]
+    assert not (tmp_path / segment_name(1)).exists()
+    wal.drop_through(6)
+    assert [p.name for p in wal.segments] == [segment_name(7)]
+    wal.drop_through(100)  # never the segment being written
+    assert [p.name for p in wal.segments] == [segment_name(7)]
+    wal.close()
+    wal, entries = WAL.open(tmp_path, after=6)
+    assert entries == puts(7, 8)
+    wal.append(puts(9, 9))
+    wal.close()
+    wal, entries = WAL.open(tmp_path, after=8)
+    wal.close()
+    assert entries == puts(7, 9)
+
+
+def test_wal_missing_entries_before_the_first_segment(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.drop_through(3)
+    wal.close()
+    with pytest.raises(CorruptLog, match="missing"):
+        WAL.open(tmp_path, after=0)
+    wal, entries = WAL.open(tmp_path, after=3)
+    wal.close()
+    assert entries == puts(4, 5)
+
+
+def test_wal_torn_tail_in_an_older_segment_is_corruption(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.close()
+    old = tmp_path / segment_name(1)
+    data = old.read_bytes()
+    old.write_bytes(data[:-3])
+    with pytest.raises(CorruptLog) as info:
+        WAL.open(tmp_path, after=0)
+    _assert_says_what_to_do(info.value, old)
+
+
+def test_wal_flipped_byte_in_an_older_segment_is_corruption(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.close()
+    old = tmp_path / segment_name(1)
+    data = bytearray(old.read_bytes())
+    data[-1] ^= 0x01  # the last record of an older segment
+    old.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog):
+        WAL.open(tmp_path, after=0)
+
+
+def test_wal_missing_middle_segment_is_corruption(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.roll(6)
+    wal.append(puts(6, 6))
+    wal.close()
+    (tmp_path / segment_name(4)).unlink()
+    with pytest.raises(CorruptLog):
+        WAL.open(tmp_path, after=0)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2, 3, 4, 5, 6, 7, 8])
+def test_wal_truncate_after_across_segments(tmp_path: Path, keep: int) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 6))
+    wal.roll(7)
+    wal.append(puts(7, 8))
+    wal.truncate_after(keep)
+    wal.append(puts(keep + 1, keep + 1, epoch=2))
+    wal.close()
+    wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == [*puts(1, keep), *puts(keep + 1, keep + 1, epoch=2)]
+
+
+def test_wal_truncate_below_the_first_segment_is_refused(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.drop_through(3)
+    with pytest.raises(ValueError):
+        wal.truncate_after(2)
+    wal.close()
+
+
+def test_wal_reset(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, after=0)
+    wal.append(puts(1, 3))
+    wal.roll(4)
+    wal.append(puts(4, 5))
+    wal.reset(20)
+    assert [p.name for p in wal.segments] == [segment_name(20)]
+    wal.append(puts(20, 21))
+    wal.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [segment_name(20)]
+    wal, entries = WAL.open(tmp_path, after=19)
+    wal.close()
+    assert entries == puts(20, 21)
+
+
+def test_wal_stale_tmp_files_are_removed(tmp_path: Path) -> None:
+    wal_with(tmp_path, puts(1, 1))
+    (tmp_path / "whatever.tmp").write_bytes(b"junk")
+    wal, entries = WAL.open(tmp_path, after=0)
+    wal.close()
+    assert entries == puts(1, 1)
+    assert not (tmp_path / "whatever.tmp").exists()
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+
+META = SnapshotMeta(index=42, epoch=3, epochs=((1, 1), (3, 30)))
+DATA: dict[str, Value] = {"a": b"\x00\x01", "b": "text", "ключ": "значение", "": b""}
+
+
+def test_snapshot_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(path, META, DATA)
+    meta, data = read_snapshot(path)
+    assert meta == META
+    assert data == DATA
+    assert type(data["a"]) is bytes and type(data["b"]) is str
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot"]
+
+
+def test_snapshot_of_an_empty_map(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(path, SnapshotMeta(0, 0, ()), {})
+    assert read_snapshot(path) == (SnapshotMeta(0, 0, ()), {})
+
+
+def test_snapshot_with_many_records(tmp_path: Path) -> None:
+    data: dict[str, Value] = {f"key-{i:05d}": str(i) for i in range(10_000)}
+    path = tmp_path / "snapshot"
+    write_snapshot(path, META, data)
+    assert read_snapshot(path) == (META, data)
+
+
+def test_snapshot_overwrite_is_atomic_and_leaves_no_tmp(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(path, META, DATA)
+    newer = SnapshotMeta(50, 4, ((1, 1), (3, 30), (4, 45)))
+    write_snapshot(path, newer, {"x": "y"})
+    assert read_snapshot(path) == (newer, {"x": "y"})
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_snapshot_flipped_byte_anywhere_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(path, META, DATA)
+    raw = path.read_bytes()
+    for pos in range(len(raw)):
+        for mask in (0x01, 0x80):
+            data = bytearray(raw)
+            data[pos] ^= mask
+            with pytest.raises(CorruptLog) as info:
+                parse_snapshot(bytes(data), str(path))
+            assert str(path) in str(info.value) and "delete" in str(info.value)
+    # and through the file, once
+    data = bytearray(raw)
+    data[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog):
+        read_snapshot(path)
+
+
+def test_snapshot_cut_short_anywhere_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_snapshot(path, META, DATA)
+    raw = path.read_bytes()
+    for cut in range(len(raw)):
+        with pytest.raises(CorruptLog):
+            parse_snapshot(raw[:cut], "snap")
+    path.write_bytes(raw[:-1])
+    with pytest.raises(CorruptLog):
+        read_snapshot(path)
+
+
+def test_snapshot_with_trailing_bytes_is_corruption() -> None:
+    from cluster.storage.snapshot import MAGIC as SNAP_MAGIC
+
+    assert SNAP_MAGIC == b"RKVSNAP1"
+    raw = b"".join(_snapshot_chunks())
+    with pytest.raises(CorruptLog):
+        parse_snapshot(raw + encode_record(b"\x90"), "snap")
+    with pytest.raises(CorruptLog):
+        parse_snapshot(raw + b"\x01", "snap")
+
+
+def _snapshot_chunks() -> list[bytes]:
+    from cluster.storage.snapshot import _chunks
+
+    return list(_chunks(META, DATA))
+
+
+def test_snapshot_with_the_wrong_count_is_corruption() -> None:
+    from cluster.storage.snapshot import MAGIC as SNAP_MAGIC
+    from cluster.wire import codec
+
+    header = encode_record(codec.pack_obj({"index": 1, "epoch": 1, "epochs": [[1, 1]],
+                                           "count": 2}))
+    items = encode_record(codec.pack_obj(["a", "1"]))
+    end = encode_record(codec.pack_obj({"end": 2}))
+    with pytest.raises(CorruptLog, match="expected 2 items"):
+        parse_snapshot(SNAP_MAGIC + header + items + end, "snap")
+    bad_item = encode_record(codec.pack_obj(["a", 1, "b", "2"]))
+    with pytest.raises(CorruptLog, match="wrong type"):
+        parse_snapshot(SNAP_MAGIC + header + bad_item + end, "snap")
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def write(store: Store, entries: list[Entry]) -> None:
+    """What the runtime does with a write: log it, then append and apply it in memory."""
+    store.append(entries)
+    for e in entries:
+        store.log.append(e)
+        store.kv.apply(e)
+
+
+def state(store: Store) -> tuple[list[Entry], dict[str, Value], int]:
+    lg = store.log
+    return lg.slice(lg.base + 1, lg.last_index), dict(store.kv.data), store.kv.applied
+
+
+def reopen(store: Store) -> Store:
+    store.close()
+    return Store.open(store.directory, store.node)
+
+
+def test_store_new_directory(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "n1", "n1")
+    assert (store.log.last_index, store.kv.applied, store.epoch) == (0, 0, 0)
+    assert (tmp_path / "n1" / "meta").exists()
+    store.close()
+
+
+def test_store_recovers_log_and_kv(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, [put(1, "a", "1"), put(2, "b", b"2"), put(3, "a", "3", epoch=2),
+                  delete(4, "b", epoch=2)])
+    store.sync()
+    before = state(store)
+    store = reopen(store)
+    assert state(store) == before
+    assert store.kv.data == {"a": "3"}
+    assert store.log.history.pairs() == ((1, 1), (2, 3))
+    assert store.epoch == 2  # at least the newest epoch in the log
+    write(store, [put(5, "c", "5", epoch=2)])
+    store = reopen(store)
+    assert store.kv.data == {"a": "3", "c": "5"}
+    store.close()
+
+
+def test_store_epoch_is_durable(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    store.set_epoch(7)
+    store = reopen(store)
+    assert store.epoch == 7
+    store.close()
+
+
+def test_store_second_open_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    with pytest.raises(ConfigError, match="in use"):
+        Store.open(tmp_path, "n1")
+    store.close()
+    Store.open(tmp_path, "n1").close()
+
+
+def test_store_of_another_node_is_refused(tmp_path: Path) -> None:
+    Store.open(tmp_path, "n1").close()
+    with pytest.raises(ConfigError, match="n1"):
+        Store.open(tmp_path, "n2")
+    # the refusal released the lock
+    Store.open(tmp_path, "n1").close()
+
+
+def test_store_damaged_meta_is_corruption(tmp_path: Path) -> None:
+    Store.open(tmp_path, "n1").close()
+    (tmp_path / "meta").write_bytes(b"\x00\x00\x00\x05garbage")
+    with pytest.raises(CorruptLog, match="meta") as info:
+        Store.open(tmp_path, "n1")
+    assert "delet" in str(info.value)
+
+
+def test_store_corrupt_log_stops_the_open_and_releases_the_lock(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 5))
+    store.close()
+    (seg,) = (tmp_path / "wal").glob("*.wal")
+    data = bytearray(seg.read_bytes())
+    data[len(MAGIC) + RECORD_HEADER.size + 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog):
+        Store.open(tmp_path, "n1")
+    with pytest.raises(CorruptLog):  # not ConfigError: the lock was released
+        Store.open(tmp_path, "n1")
+
+
+def snapshot(store: Store) -> None:
+    job = store.begin_snapshot()
+    assert store.snapshotting
+    store.write_snapshot(job)
+    store.finish_snapshot(job)
+    assert not store.snapshotting
+
+
+def test_store_snapshot_cycle(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 5))
+    snapshot(store)
+    assert store.snapshot_index == 5
+    assert store.log.base == 0  # the first snapshot has no predecessor to drop through
+    write(store, [put(6, "k1", "changed"), delete(7, "k2")])
+    before = state(store)
+    store = reopen(store)
+    assert state(store) == before
+    assert store.snapshot_index == 5
+    assert store.kv.data["k1"] == "changed" and "k2" not in store.kv.data
+    assert store.kv.applied == 7
+    store.close()
+
+
+def test_store_two_snapshot_cycles_drop_old_segments(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 5))
+    snapshot(store)
+    write(store, puts(6, 8, epoch=2))
+    snapshot(store)
+    # entries between the previous snapshot (5) and this one (8) stay; older ones go
+    assert store.snapshot_index == 8
+    assert store.log.base == 5
+    assert store.log.last_index == 8
+    assert store.log.epoch_at(5) == 1
+    wal_files = sorted(p.name for p in (tmp_path / "wal").glob("*.wal"))
+    assert wal_files == [segment_name(6), segment_name(9)]
+    write(store, puts(9, 10, epoch=2))
+    before = state(store)
+    history = store.log.history.pairs()
+    store = reopen(store)
+    assert state(store) == before
+    assert store.log.base == 5
+    assert store.log.history.pairs() == history == ((1, 1), (2, 6))
+    assert store.log.epoch_at(5) == 1 and store.log.epoch_at(6) == 2
+    # a third cycle drops the segment of 6..8
+    snapshot(store)
+    assert sorted(p.name for p in (tmp_path / "wal").glob("*.wal")) == [segment_name(9),
+                                                                        segment_name(11)]
+    store = reopen(store)
+    assert store.log.base == 8 and store.kv.applied == 10
+    store.close()
+
+
+def test_store_snapshot_with_nothing_after_it_reopens(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 3))
+    snapshot(store)
+    snapshot(store)  # the second at the same index drops 1..3
+    assert store.log.base == 3
+    store = reopen(store)
+    assert (store.log.base, store.log.last_index, store.kv.applied) == (3, 3, 3)
+    assert store.log.epoch_at(3) == 1
+    write(store, puts(4, 4))
+    store = reopen(store)
+    assert store.kv.applied == 4 and len(store.kv.data) == 4
+    store.close()
+
+
+def test_store_snapshot_due(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 3))
+    assert not store.snapshot_due(4)
+    write(store, puts(4, 4))
+    assert store.snapshot_due(4)
+    job = store.begin_snapshot()
+    assert not store.snapshot_due(4)  # one at a time
+    store.abort_snapshot()
+    assert store.snapshot_due(4)
+    store.write_snapshot(job)
+    store.finish_snapshot(job)
+    assert not store.snapshot_due(1)
+    store.close()
+
+
+def test_store_truncate_after_keeps_a_rollback_file_and_rebuilds_the_map(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, [put(1, "kept", "1"), put(2, "over", "old"), put(3, "over", "new"),
+                  put(4, "late", "x"), delete(5, "kept")])
+    removed = store.truncate_after(2)
+    assert [e.index for e in removed] == [3, 4, 5]
+    assert store.kv.data == {"kept": "1", "over": "old"}
+    assert store.kv.applied == 2 and store.log.last_index == 2
+    (rb,) = (tmp_path / "rollback").iterdir()
+    assert rb.name.startswith("rollback-3-5")
+    # the rollback file is a log segment holding exactly the cut entries
+    assert _read_rollback(rb) == removed
+    write(store, [put(3, "other", "y", epoch=2)])
+    before = state(store)
+    store = reopen(store)
+    assert state(store) == before
+    assert store.kv.data == {"kept": "1", "over": "old", "other": "y"}
+    assert store.truncate_after(3) == []
+    store.close()
+
+
+def _read_rollback(path: Path) -> list[Entry]:
+    from cluster.storage.wal import Segment
+
+    return WAL._read_segment(Segment(int(path.name.split("-")[1]), path), last=False,
+                             expect=None)
+
+
+def test_store_truncate_after_a_snapshot(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, [put(1, "a", "1"), put(2, "b", "2")])
+    snapshot(store)
+    write(store, [put(3, "a", "3"), put(4, "c", "4")])
+    store.truncate_after(3)
+    assert store.kv.data == {"a": "3", "b": "2"}
+    store.truncate_after(2)
+    assert store.kv.data == {"a": "1", "b": "2"}
+    assert store.snapshot_index == 2
+    store = reopen(store)
+    assert store.kv.data == {"a": "1", "b": "2"} and store.log.last_index == 2
+    write(store, [put(3, "d", "new", epoch=2)])
+    store = reopen(store)
+    assert store.kv.data == {"a": "1", "b": "2", "d": "new"}
+    store.close()
+
+
+def test_store_truncate_below_the_snapshot_wipes(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 4))
+    snapshot(store)
+    write(store, puts(5, 6))
+    with caplog.at_level(logging.WARNING):
+        removed = store.truncate_after(2)
+    assert [e.index for e in removed] == [1, 2, 3, 4, 5, 6]
+    assert (store.log.base, store.log.last_index, store.kv.data, store.kv.applied) == (
+        0, 0, {}, 0)
+    assert store.snapshot_index == 0
+    assert not store.snapshot_path.exists()
+    assert "discarding" in caplog.text
+    store = reopen(store)
+    assert (store.log.last_index, store.kv.data, store.snapshot_index) == (0, {}, 0)
+    write(store, puts(1, 1, epoch=3))
+    store = reopen(store)
+    assert store.kv.data == {"k1": "value-1"}
+    store.close()
+
+
+def test_store_install_snapshot(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "n2", "n2")
+    write(store, puts(1, 3))
+    received = tmp_path / "n2" / "snapshot.recv"
+    write_snapshot(received, META, DATA)
+    meta = store.install_snapshot(received)
+    assert meta == META
+    assert not received.exists()
+    assert (store.log.base, store.log.last_index, store.log.last_epoch) == (42, 42, 3)
+    assert store.log.history.pairs() == META.epochs
+    assert store.kv.data == DATA and store.kv.applied == 42 and store.snapshot_index == 42
+    write(store, [put(43, "after", "snap", epoch=3)])
+    store = reopen(store)
+    assert store.kv.data == {**DATA, "after": "snap"}
+    assert (store.log.base, store.log.last_index, store.snapshot_index) == (42, 43, 42)
+    assert store.log.epoch_at(42) == 3 and store.log.epoch_at(29) == 1
+    store.close()
+
+
+def test_store_install_of_a_damaged_snapshot_changes_nothing(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "n2", "n2")
+    write(store, puts(1, 3))
+    received = tmp_path / "snapshot.recv"
+    write_snapshot(received, META, DATA)
+    received.write_bytes(received.read_bytes()[:-2])
+    before = state(store)
+    with pytest.raises(CorruptLog):
+        store.install_snapshot(received)
+    assert state(store) == before
+    store = reopen(store)
+    assert state(store) == before
+    store.close()
+
+
+def test_store_damaged_snapshot_stops_the_open(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "n1")
+    write(store, puts(1, 3))
+    snapshot(store)
+    store.close()
+    raw = bytearray((tmp_path / "snapshot").read_bytes())
+    raw[-3] ^= 0x10
+    (tmp_path / "snapshot").write_bytes(bytes(raw))
+    with pytest.raises(CorruptLog, match="snapshot"):
+        Store.open(tmp_path, "n1")
