@@ -144,8 +144,12 @@ class SlaveRole:
                             receiving = self._receiving = _SnapshotFile(
                                 store.directory / "snapshot.recv")
                         if await receiving.add(msg):
+                            deadline.reschedule(None)  # a big install may outlast a timeout
                             await self._install(receiving, msg.index)
                             receiving = self._receiving = None
+                            deadline.reschedule(loop.time() + cfg.peer_timeout)
+                        else:
+                            self._send_ack()  # keeps the master's side of the link alive
                         continue
                     if not isinstance(msg, Append) or receiving is not None:
                         raise ProtocolError(f"master sent {type(msg).__name__} out of turn")
