@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import os
 from collections import deque
@@ -69,9 +67,10 @@ class MasterRole:
             batch_bytes=cfg.limits.max_frame // 2,
         )
         self.core.persisted(node.durability.durable)
+        # replies waiting, in index order: for the local fsync, then (acks=majority) for
+        # a majority of the cluster
         self._local: deque[tuple[int, FramedStream, int, Acks]] = deque()
-        self._majority: list[tuple[int, int, FramedStream, int]] = []
-        self._seq = itertools.count()
+        self._majority: deque[tuple[int, FramedStream, int]] = deque()
         self._links: dict[NodeId, Link] = {}
         self._chunk_size = min(1024 * 1024, cfg.limits.max_frame // 2)
 
@@ -105,7 +104,7 @@ class MasterRole:
             if acks is Acks.ASYNC:
                 stream.send(Reply(rid, {"index": ix}))
             else:
-                heapq.heappush(self._majority, (ix, next(self._seq), stream, rid))
+                self._majority.append((ix, stream, rid))
         self._release_majority()
         for link in self._links.values():
             link.wake.set()
@@ -116,12 +115,12 @@ class MasterRole:
             return
         done = self.core.majority_index()
         while self._majority and self._majority[0][0] <= done:
-            ix, _, stream, rid = heapq.heappop(self._majority)
+            ix, stream, rid = self._majority.popleft()
             stream.send(Reply(rid, {"index": ix}))
 
     def _fail_majority_waiters(self) -> None:
         while self._majority:
-            ix, _, stream, rid = heapq.heappop(self._majority)
+            ix, stream, rid = self._majority.popleft()
             stream.send(ErrorReply(
                 rid, NoQuorum.code,
                 f"entry {ix} is durable on the master but a majority could not be confirmed; "
