@@ -122,6 +122,12 @@ class Connection:
         for callback in pending.values():
             _deliver(callback, error)
 
+    def abort(self) -> None:
+        """Drop the connection now; pending requests fail with a network error."""
+        self._reader.cancel()
+        self._stream.abort()
+        self._fail_all(NetworkError(f"connection to {self.address} was dropped"))
+
     async def close(self) -> None:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):

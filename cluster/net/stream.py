@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # pause reading a connection whose replies pile up unread
+CLOSE_TIMEOUT = 1.0  # how long a closing connection may take to flush before it is aborted
 
 
 class FramedStream:
@@ -34,6 +34,7 @@ class FramedStream:
         self._decoder = FrameDecoder(limits.max_frame)
         self._frames: list[bytes] = []
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self.peer = _peer_name(writer)
@@ -55,8 +56,7 @@ class FramedStream:
         if self._frames:
             yield self.take_buffered()
         while True:
-            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                await self.writer.drain()
+            await self.wait_writable()
             data = await self.reader.read(READ_SIZE)
             if not data:
                 if self._decoder.buffered:
@@ -87,6 +87,7 @@ class FramedStream:
 
     def send_raw(self, data: bytes) -> None:
         self._out.append(data)
+        self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -98,18 +99,40 @@ class FramedStream:
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        self._out_bytes = 0
         if not self.writer.is_closing():
             self.writer.write(data)
+
+    def backlog(self) -> int:
+        """Bytes sent but not yet taken by the peer's socket."""
+        return self._out_bytes + self.writer.transport.get_write_buffer_size()
+
+    async def wait_writable(self) -> None:
+        """Wait while more than :data:`HIGH_WATER` bytes wait for a peer that does not read:
+        a reader of this connection pauses instead of buffering without bound."""
+        if self.backlog() > HIGH_WATER:
+            await self.drain()
 
     async def drain(self) -> None:
         self.flush()
         await self.writer.drain()
 
     async def close(self) -> None:
+        """Flush and close; a peer that does not take what is left within
+        :data:`CLOSE_TIMEOUT` is cut off."""
         self.flush()
         self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.writer.wait_closed()
+        except (TimeoutError, OSError, ConnectionError):
+            self.abort()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is unsent."""
+        self._out.clear()
+        self._out_bytes = 0
+        self.writer.transport.abort()
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:

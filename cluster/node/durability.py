@@ -21,6 +21,7 @@ class Durability:
         self.written = store.log.last_index
         self.durable = self.written
         self._dirty = asyncio.Event()
+        self._generation = 0  # bumped when the log is cut: a sync begun before covers nothing
 
     def wrote(self, index: int) -> None:
         """Entries up to ``index`` were written to the OS."""
@@ -32,6 +33,7 @@ class Durability:
 
     def reset(self, index: int) -> None:
         """The log was cut or replaced and is durable up to ``index``."""
+        self._generation += 1
         self.written = self.durable = index
 
     def _advance(self, index: int) -> None:
@@ -46,9 +48,10 @@ class Durability:
             while True:
                 await self._dirty.wait()
                 self._dirty.clear()
-                target = self.written
+                target, generation = self.written, self._generation
                 await asyncio.to_thread(self._store.sync)
-                self._advance(target)
+                if generation == self._generation:
+                    self._advance(target)
         elif self._policy is FsyncPolicy.EVERYSEC:
             synced = self.written
             while True:
@@ -59,5 +62,7 @@ class Durability:
 
     async def flush(self) -> None:
         """Make everything written so far durable (at shutdown)."""
+        target, generation = self.written, self._generation
         await asyncio.to_thread(self._store.sync)
-        self._advance(self.written)
+        if generation == self._generation:
+            self._advance(target)

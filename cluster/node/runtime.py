@@ -20,6 +20,7 @@ from cluster.errors import (
     NoQuorum,
     ProtocolError,
     ShuttingDown,
+    StorageFailure,
 )
 from cluster.net.stream import FramedStream
 from cluster.node.durability import Durability
@@ -115,8 +116,7 @@ class Node:
                             await self._snapshot_task
         finally:
             server.close()
-            for stream in list(self._streams):
-                await stream.close()
+            await asyncio.gather(*(stream.close() for stream in list(self._streams)))
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()
 
@@ -136,13 +136,19 @@ class Node:
             await asyncio.shield(task)
 
     async def _snapshot(self) -> None:
+        """Write a snapshot in a worker thread. A failure (a full disk, say) is logged and
+        the next write tries again; the log keeps growing meanwhile and loses nothing."""
         store = self.store
-        job = store.begin_snapshot()
+        try:
+            job = store.begin_snapshot()
+        except (StorageFailure, OSError) as exc:
+            log.error("could not start a snapshot at index %d: %s", store.kv.applied, exc)
+            return
         try:
             await asyncio.to_thread(store.write_snapshot, job)
-        except OSError:
+        except OSError as exc:
             store.abort_snapshot()
-            log.exception("snapshot at index %d failed; will retry later", job.meta.index)
+            log.error("snapshot at index %d failed: %s; will retry", job.meta.index, exc)
             return
         store.finish_snapshot(job)
 
@@ -160,9 +166,6 @@ class Node:
             pass
         finally:
             self._streams.discard(stream)
-            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await stream.drain()
             await stream.close()
 
     async def _serve_stream(self, stream: FramedStream) -> None:
@@ -186,6 +189,8 @@ class Node:
                     stream.send(reply)
                     if isinstance(reply, ErrorReply) and reply.code == BadRequest.code:
                         return
+                # a client that sends faster than it reads is paused, not buffered for
+                await stream.wait_writable()
 
     def dispatch(self, msg: Message, stream: FramedStream) -> Reply | ErrorReply | None:
         """Answer one request, or return None when the reply will be sent later."""

@@ -15,6 +15,7 @@ from cluster.errors import (
     ProtocolError,
     ReplError,
     StaleEpoch,
+    StorageFailure,
     error_for_code,
 )
 from cluster.net.stream import FramedStream
@@ -49,7 +50,7 @@ class SlaveRole:
         self.last_contact_ms = 0
         self.syncs = 0  # handshakes completed, for status and tests
         self.last_sync_from = -1  # the last index this node had when it last asked
-        self._established = False
+        self._progressed = False  # this session stored entries, installed or heartbeated
         self._receiving: _SnapshotFile | None = None  # a snapshot arriving from the master
 
     @property
@@ -57,12 +58,13 @@ class SlaveRole:
         return self._link is not None
 
     async def run(self) -> None:
-        """Keep a replication session with the master. After a session that was established
-        drops, reconnect at once; back off briefly only while the master stays unreachable."""
+        """Keep a replication session with the master. After a session that made progress
+        drops, reconnect at once; back off briefly while the master stays unreachable or a
+        session fails before storing anything (a full disk here, say)."""
         backoff = 0.0
         addr = self.node.config.cluster[self.master]
         while True:
-            self._established = False
+            self._progressed = False
             try:
                 await self._session(addr)
             except Resync:
@@ -71,12 +73,14 @@ class SlaveRole:
                 raise
             except StaleEpoch as exc:
                 log.warning("master %s is stale: %s", self.master, exc)
+            except StorageFailure as exc:
+                log.error("cannot store what the master sends: %s", exc)
             except (ReplError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning("replication from %s interrupted: %s", self.master,
                             exc or type(exc).__name__)
             finally:
                 self._link = None
-            if self._established:
+            if self._progressed:
                 backoff = 0.0
                 continue
             backoff = min(MAX_BACKOFF, max(0.02, backoff * 2))
@@ -106,7 +110,6 @@ class SlaveRole:
                 if wiped:
                     raise Resync()
             self.syncs += 1
-            self._established = True
             log.info("syncing from master %s after index %d (epoch %d)", self.master, match,
                      epoch)
             self._link = stream
@@ -146,6 +149,7 @@ class SlaveRole:
                         if await receiving.add(msg):
                             deadline.reschedule(None)  # a big install may outlast a timeout
                             await self._install(receiving, msg.index)
+                            self._progressed = True
                             receiving = self._receiving = None
                             deadline.reschedule(loop.time() + cfg.peer_timeout)
                         else:
@@ -156,9 +160,12 @@ class SlaveRole:
                     self._adopt_epoch(msg.epoch)
                     entries = self.core.on_append(msg)
                     if not entries:
+                        if self.core.durable >= self.core.master_commit:
+                            self._progressed = True  # caught up: a healthy, idle session
                         self._send_ack()
                         continue
                     store.append(entries)
+                    self._progressed = True
                     self.core.accept(entries)
                     now = self.node.now_ms()
                     for e in entries:

@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.client.connection import Connection
@@ -89,8 +90,7 @@ class Router:
                     t.cancel()
         finally:
             server.close()
-            for stream in list(self._streams):
-                await stream.close()
+            await asyncio.gather(*(stream.close() for stream in list(self._streams)))
             for conn in self._links.values():
                 await conn.close()
 
@@ -130,13 +130,15 @@ class Router:
         """A forwarded request saw the link die: the node is down until a probe says not."""
         if self._links.get(node) is conn:
             del self._links[node]
+        conn.abort()
         if self.table.failed(node, error):
             log.warning("node %s is down: %s", node, error)
 
     # --- clients -----------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = FramedStream(reader, writer, self.config.limits)
+        client = _Client(FramedStream(reader, writer, self.config.limits))
+        stream = client.stream
         self._streams.add(stream)
         try:
             async for payloads in stream.read_payloads():
@@ -148,8 +150,10 @@ class Router:
                         stream.send(ErrorReply(codec.request_id_of(exc) or 0, exc.code,
                                                str(exc)))
                         return
-                    if not self._route(msg, stream):
+                    if not self._route(msg, client):
                         return
+                    # a client that sends faster than it reads is paused, not buffered for
+                    await client.wait_for_room()
         except FrameTooLarge as exc:
             log.warning("closing %s: %s", stream.peer, exc)
             stream.send(ErrorReply(0, exc.code, str(exc)))
@@ -157,36 +161,38 @@ class Router:
             pass
         finally:
             self._streams.discard(stream)
-            with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await stream.drain()
             await stream.close()
 
-    def _route(self, msg: Any, stream: FramedStream) -> bool:
+    def _route(self, msg: Any, client: _Client) -> bool:
         """Forward or answer one request; False when the connection must close."""
         match msg:
             case Set() | Delete():
+                client.started()
                 master = self.table.master()
                 if master is None:
-                    stream.send(ErrorReply(msg.id, Unavailable.code,
-                                           "no master is reachable; the write was not applied"))
+                    client.finished(ErrorReply(
+                        msg.id, Unavailable.code,
+                        "no master is reachable; the write was not applied"))
                 else:
-                    self._forward(msg, master, stream, frozenset())
+                    self._forward(msg, master, client, frozenset())
             case Get() | Scan():
-                self._read(msg, stream, frozenset())
+                client.started()
+                self._read(msg, client, frozenset())
             case Status(id=rid):
-                task = asyncio.get_running_loop().create_task(self._status(rid, stream))
+                client.started()
+                task = asyncio.get_running_loop().create_task(self._status(rid, client))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case Ping(id=rid):
-                stream.send(Reply(rid, {"node": "router", "role": "router"}))
+                client.stream.send(Reply(rid, {"node": "router", "role": "router"}))
             case _:
-                stream.send(ErrorReply(getattr(msg, "id", 0), BadRequest.code,
-                                       f"{type(msg).__name__} is not a request the router serves"))
+                client.stream.send(ErrorReply(
+                    getattr(msg, "id", 0), BadRequest.code,
+                    f"{type(msg).__name__} is not a request the router serves"))
                 return False
         return True
 
-    async def _status(self, rid: int, stream: FramedStream) -> None:
+    async def _status(self, rid: int, client: _Client) -> None:
         """Answer ``status`` from a fresh probe of every node the router is connected to."""
         async def probe(node: NodeId, conn: Connection) -> None:
             try:
@@ -198,52 +204,87 @@ class Router:
                 self.table.update(node, reply.fields, self.now_ms())
 
         await asyncio.gather(*(probe(n, c) for n, c in list(self._links.items())))
-        stream.send(Reply(rid, {"router": str(self.address), "master": self.table.master(),
-                                "nodes": self.table.view()}))
+        client.finished(Reply(rid, {"router": str(self.address), "master": self.table.master(),
+                                    "nodes": self.table.view()}))
 
-    def _read(self, msg: Get | Scan, stream: FramedStream, tried: frozenset[NodeId]) -> None:
+    def _read(self, msg: Get | Scan, client: _Client, tried: frozenset[NodeId]) -> None:
         if isinstance(msg, Get) and msg.consistency is Consistency.STRONG:
             node = self.table.master() if not tried else None
         else:
             min_index = msg.min_index if isinstance(msg, Get) else 0
             node = self.table.pick_read(min_index, tried)
         if node is None:
-            stream.send(ErrorReply(msg.id, Unavailable.code,
-                                   "no node that can serve this read is reachable"))
+            client.finished(ErrorReply(msg.id, Unavailable.code,
+                                       "no node that can serve this read is reachable"))
             return
-        self._forward(msg, node, stream, tried)
+        self._forward(msg, node, client, tried)
 
-    def _forward(self, msg: Request, node: NodeId, stream: FramedStream,
+    def _forward(self, msg: Request, node: NodeId, client: _Client,
                  tried: frozenset[NodeId]) -> None:
         conn = self._links.get(node)
         if conn is None or conn.closed:
             self.table.failed(node, "no connection")
-            self._retry_or_fail(msg, node, stream, tried, "no connection to the node")
+            self._retry_or_fail(msg, node, client, tried, "no connection to it", sent=False)
             return
+
         def done(reply: Reply | ErrorReply | ReplError) -> None:
             if isinstance(reply, ReplError):
                 self._node_failed(node, conn, str(reply))
-                self._retry_or_fail(msg, node, stream, tried, str(reply))
+                self._retry_or_fail(msg, node, client, tried, str(reply), sent=True)
                 return
             if isinstance(reply, ErrorReply):
                 if reply.code in (Behind.code, NotMaster.code) and isinstance(msg, Get | Scan):
-                    self._retry_or_fail(msg, node, stream, tried, reply.message)
+                    self._retry_or_fail(msg, node, client, tried, reply.message, sent=True)
                     return
-                stream.send(dataclasses.replace(reply, id=msg.id))
+                client.finished(dataclasses.replace(reply, id=msg.id))
                 return
             if "index" in reply.fields and isinstance(msg, Get | Scan):
                 self.table.applied(node, int(reply.fields["index"]))
-            stream.send(Reply(msg.id, reply.fields))
+            client.finished(Reply(msg.id, reply.fields))
 
         rid = conn.next_id()
         conn.send_frame(rid, codec.frame_with_id(msg, rid), done)
 
-    def _retry_or_fail(self, msg: Request, node: NodeId, stream: FramedStream,
-                       tried: frozenset[NodeId], why: str) -> None:
+    def _retry_or_fail(self, msg: Request, node: NodeId, client: _Client,
+                       tried: frozenset[NodeId], why: str, *, sent: bool) -> None:
         tried = tried | {node}
         if isinstance(msg, Get | Scan) and len(tried) < len(self.config.cluster):
-            self._read(msg, stream, tried)
+            self._read(msg, client, tried)
             return
-        what = "the write may or may not have been applied" if isinstance(
-            msg, Set | Delete) else "the read failed"
-        stream.send(ErrorReply(msg.id, Unavailable.code, f"node {node} failed ({why}); {what}"))
+        if isinstance(msg, Set | Delete):
+            what = ("the write may or may not have been applied" if sent
+                    else "the write was not applied")
+        else:
+            what = "the read failed"
+        client.finished(ErrorReply(msg.id, Unavailable.code,
+                                   f"node {node} failed ({why}); {what}"))
+
+
+MAX_IN_FLIGHT = 64  # requests of one client connection the router holds at once: with the
+# 4 MiB high-water mark this bounds what a client that stops reading can make it buffer
+
+
+@dataclass(eq=False)
+class _Client:
+    """A client connection, and how many of its requests still await their reply."""
+
+    stream: FramedStream
+    in_flight: int = 0
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def started(self) -> None:
+        self.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self.room.clear()
+
+    def finished(self, reply: Reply | ErrorReply) -> None:
+        """Send the one reply a request gets."""
+        self.stream.send(reply)
+        self.in_flight -= 1
+        self.room.set()
+
+    async def wait_for_room(self) -> None:
+        while self.in_flight >= MAX_IN_FLIGHT:
+            self.room.clear()
+            await self.room.wait()
+        await self.stream.wait_writable()

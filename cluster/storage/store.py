@@ -95,6 +95,13 @@ class Store:
             snap_index, snap_epoch = smeta.index, smeta.epoch
             history = EpochHistory(smeta.epochs)
         wal, entries = WAL.open(directory / "wal", after=snap_index)
+        if entries and entries[-1].index < snap_index:
+            # a crash while installing a snapshot from the master: it is in place, the old
+            # log (all of it older) was not yet replaced
+            log.warning("%s: the log ends at %d, before the snapshot at %d; starting the "
+                        "log after the snapshot", directory, entries[-1].index, snap_index)
+            wal.reset(snap_index + 1)
+            entries = []
         base = entries[0].index - 1 if entries else snap_index
         base_epoch = snap_epoch if base == snap_index else entries[0].epoch
         if base < snap_index:
@@ -186,8 +193,8 @@ class Store:
         then call :meth:`finish_snapshot`."""
         index = self.kv.applied
         assert index == self.log.last_index
-        self.snapshotting = True
         self.wal.roll(index + 1)
+        self.snapshotting = True
         history = EpochHistory(self.log.history.pairs())
         history.truncate_after(index)
         meta = SnapshotMeta(index, self.log.epoch_at(index), history.pairs())

@@ -158,14 +158,24 @@ class WAL:
             os.fsync(self._fd)
 
     def roll(self, first: int) -> None:
-        """Start a new segment whose first entry will be ``first``."""
+        """Start a new segment whose first entry will be ``first``. If that fails (a full
+        disk), the current segment stays in use and nothing changes."""
         with self._lock:
             os.fsync(self._fd)
+            seg, fd = self._open_new(first)
             os.close(self._fd)
-            seg = self._create(self.directory, first)
             self._segments.append(seg)
-            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+            self._fd = fd
             self._size = len(MAGIC)
+
+    def _open_new(self, first: int) -> tuple[Segment, int]:
+        """Create a segment and open it for appending, or raise leaving nothing behind."""
+        try:
+            seg = self._create(self.directory, first)
+        except OSError as exc:
+            (self.directory / segment_name(first)).unlink(missing_ok=True)
+            raise StorageFailure(f"could not start a new log segment: {exc.strerror}") from exc
+        return seg, os.open(seg.path, os.O_WRONLY | os.O_APPEND)
 
     def drop_through(self, index: int) -> None:
         """Delete segments whose entries are all at or below ``index``."""
@@ -209,12 +219,17 @@ class WAL:
         """Delete every segment and start empty, next entry ``first`` (after a snapshot
         install)."""
         with self._lock:
+            old = [s for s in self._segments if s.first != first]
+            for s in self._segments:
+                if s.first == first:  # the new segment takes this name: move it aside
+                    s.path.unlink()
+            seg, fd = self._open_new(first)
             os.close(self._fd)
-            for seg in self._segments:
-                seg.path.unlink(missing_ok=True)
-            seg = self._create(self.directory, first)
+            self._fd = fd
+            for s in old:
+                s.path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
             self._segments = [seg]
-            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(MAGIC)
 
     def close(self) -> None:

@@ -257,6 +257,8 @@ def _epochs(f: _Fields, raw: list[Any]) -> tuple[tuple[int, int], ...]:
             or not all(type(x) is int and x >= 0 for x in pair)
         ):
             f.bad("epochs must be an array of [epoch, first_index] integer pairs")
+        if out and (pair[0] <= out[-1][0] or pair[1] <= out[-1][1]):
+            f.bad("epochs must increase in both epoch and first index")
         out.append((pair[0], pair[1]))
     return tuple(out)
 

@@ -75,6 +75,21 @@ reply_fields = st.dictionaries(
     st.text(max_size=10).filter(lambda k: k not in ("id", "ok", "op")), reply_values, max_size=5
 )
 
+def epoch_histories() -> st.SearchStrategy[tuple[tuple[int, int], ...]]:
+    """Valid histories: epochs and first indexes both strictly increasing."""
+    steps = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 50)), max_size=5)
+
+    def build(pairs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        epoch = index = 0
+        out = []
+        for de, di in pairs:
+            epoch, index = epoch + de, index + di
+            out.append((epoch, index))
+        return tuple(out)
+
+    return steps.map(build)
+
+
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Set, ids, keys, values, st.sampled_from(Acks)),
     st.builds(Delete, ids, keys, st.sampled_from(Acks)),
@@ -82,8 +97,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Scan, ids, st.none() | keys, st.integers(1, 100_000)),
     st.builds(Status, ids),
     st.builds(Ping, ids),
-    st.builds(Sync, ids, st.text(max_size=20), small_ints, small_ints,
-              st.lists(st.tuples(small_ints, small_ints), max_size=5).map(tuple)),
+    st.builds(Sync, ids, st.text(max_size=20), small_ints, small_ints, epoch_histories()),
     appends(),
     st.builds(SnapshotChunk, small_ints, small_ints, small_ints, st.binary(max_size=100),
               st.booleans()),
@@ -275,6 +289,10 @@ WRONG: list[tuple[dict[str, Any], type[ProtocolError], int | None]] = [
      BadRequest, 11),
     ({"op": "sync", "id": 11, "node": "n2", "epoch": 1, "last_index": 0, "epochs": "x"},
      BadRequest, 11),
+    ({"op": "sync", "id": 11, "node": "n2", "epoch": 2, "last_index": 3,
+      "epochs": [[2, 1], [1, 3]]}, BadRequest, 11),
+    ({"op": "sync", "id": 11, "node": "n2", "epoch": 2, "last_index": 3,
+      "epochs": [[1, 3], [2, 3]]}, BadRequest, 11),
     ({"op": "sync", "id": 11, "node": 2, "epoch": 1, "last_index": 0, "epochs": []},
      BadRequest, 11),
     ({"op": "append", "epoch": 1, "prev_index": 0, "prev_epoch": 0, "commit": 0,

@@ -1,0 +1,171 @@
+"""Review findings in pure logic and storage: each test states the promise it checks."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.config import FsyncPolicy
+from cluster.errors import StorageFailure
+from cluster.node.durability import Durability
+from cluster.storage.snapshot import SnapshotMeta, write_snapshot
+from cluster.storage.store import Store
+from cluster.storage.wal import WAL
+from cluster.types import Entry, Op
+
+
+def put(index: int, epoch: int = 1) -> Entry:
+    return Entry(index, epoch, 1_000 + index, Op.SET, f"k{index}", f"value-{index}")
+
+
+def _store_with(tmp_path: Path, last: int) -> Store:
+    store = Store.open(tmp_path / "n", "n2")
+    for i in range(1, last + 1):
+        e = put(i)
+        store.append([e])
+        store.log.append(e)
+        store.kv.apply(e)
+    store.sync()
+    return store
+
+
+# --- a failed segment roll (full disk) leaves the log writing to a closed fd ----------------
+
+
+def _fail_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(directory: Path, first: int) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(WAL, "_create", staticmethod(no_space))
+
+
+def test_failed_roll_does_not_send_log_records_to_another_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WAL.roll closes the current segment's fd before creating the new segment. When the
+    creation fails (ENOSPC: the disk is full; the README promises a full disk only fails
+    the write), self._fd still holds the closed descriptor number. The next descriptor the
+    process opens (a client socket, a snapshot file...) reuses that number, and the next
+    log append writes the entry into that other file while it is acknowledged as durable."""
+    store = _store_with(tmp_path, 5)
+    with monkeypatch.context() as m:
+        _fail_create(m)
+        with pytest.raises((OSError, StorageFailure)):
+            store.begin_snapshot()  # roll to segment 6 fails: disk full
+    other = tmp_path / "unrelated-file"
+    fd = os.open(other, os.O_WRONLY | os.O_CREAT, 0o644)  # reuses the lowest free fd
+    try:
+        e = put(6)
+        try:
+            store.append([e])
+        except StorageFailure:
+            pass  # acceptable: the write fails cleanly
+        else:
+            store.log.append(e)
+            store.kv.apply(e)
+            store.sync()
+    finally:
+        os.close(fd)
+    assert other.stat().st_size == 0, (
+        f"a log record ({other.stat().st_size} bytes) was written into an unrelated file "
+        "that reused the log's closed descriptor")
+
+
+def test_failed_roll_does_not_disable_snapshots_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """begin_snapshot sets ``snapshotting`` before rolling the log; when the roll raises,
+    Node._snapshot (runtime.py) never calls abort_snapshot (begin_snapshot is outside its
+    try), so snapshot_due() is False for the rest of the process: no snapshot, no log
+    compaction, unbounded log and memory even after space is freed."""
+    store = _store_with(tmp_path, 5)
+    with monkeypatch.context() as m:
+        _fail_create(m)
+        with pytest.raises((OSError, StorageFailure)):
+            store.begin_snapshot()
+    # the disk has space again: the next check must be able to snapshot
+    assert store.snapshot_due(1), "snapshots stay disabled after one failed roll"
+
+
+# --- Durability.reset racing an fsync in flight ----------------------------------------------
+
+
+class _SlowSyncStore:
+    """Just enough of a Store for Durability: an fsync the test releases by hand."""
+
+    class _Log:
+        last_index = 10
+
+    def __init__(self) -> None:
+        self.log = self._Log()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def sync(self) -> None:
+        self.started.set()
+        assert self.release.wait(10)
+
+
+async def test_durability_reset_during_an_fsync_does_not_claim_cut_entries() -> None:
+    """A slave's log is cut back (truncate_after on reconnect) while the fsync of the old
+    tail is running in a worker thread. Durability.reset(5) sets durable = 5, then the
+    old fsync finishes and _advance(10) raises durable to 10, beyond the log's end. The
+    slave then reports durable_index 10 and, as new entries 6..10 arrive, acknowledges them
+    on the next heartbeat before they are fsynced (SlaveCore.ack = min(durable, applied)):
+    an acks=majority write counted on a copy that is not durable."""
+    store = _SlowSyncStore()
+    seen: list[int] = []
+    d = Durability(store, FsyncPolicy.ALWAYS, seen.append)  # type: ignore[arg-type]
+    d.written = d.durable = 0
+    task = asyncio.create_task(d.run())
+    try:
+        d.wrote(10)
+        await asyncio.to_thread(store.started.wait, 5)
+        d.reset(5)  # the log was cut to 5 while the fsync of ..10 is in flight
+        store.release.set()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert d.durable <= 5 and all(i <= 5 for i in seen), (
+            f"durable={d.durable}, on_durable({seen}) after the log was cut to 5")
+    finally:
+        store.release.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# --- a crash inside install_snapshot leaves an inconsistent store ----------------------------
+
+
+def test_crash_between_snapshot_rename_and_wal_reset_recovers_consistently(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Store.install_snapshot renames the master's snapshot (index 10) into place, then
+    resets the WAL. A crash between the two leaves the old WAL (entries 1..5) beside a
+    snapshot at 10. Store._recover accepts this: log.last_index = 5 but kv.applied = 10,
+    so the node reports last_index 5 / applied 10, asks the master for entries after 5,
+    and kv.apply(6) raises ValueError (a crash loop) if the master streams them."""
+    store = _store_with(tmp_path, 5)
+    raw = tmp_path / "n" / "snapshot.recv"
+    write_snapshot(raw, SnapshotMeta(10, 1, ((1, 1),)),
+                   {f"k{i}": f"value-{i}" for i in range(1, 11)})
+
+    class Crash(BaseException):
+        pass
+
+    def crash(first: int) -> None:
+        raise Crash()
+
+    monkeypatch.setattr(store.wal, "reset", crash)
+    with pytest.raises(Crash):
+        store.install_snapshot(raw)
+    store.close()
+    again = Store.open(tmp_path / "n", "n2")
+    try:
+        assert again.log.last_index >= again.kv.applied, (
+            f"recovered log ends at {again.log.last_index} but the map is at "
+            f"{again.kv.applied}")
+    finally:
+        again.close()
