@@ -1,4 +1,5 @@
-"""Review findings in pure logic and storage: each test states the promise it checks."""
+"""Failure modes in storage and durability: a failed log roll, a log cut during an fsync,
+a crash in the middle of installing a snapshot. Each test states the promise it checks."""
 
 from __future__ import annotations
 

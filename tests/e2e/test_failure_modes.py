@@ -1,4 +1,5 @@
-"""Review findings: failure scenarios that the system does not handle as DESIGN.md promises.
+"""Failure modes at the edges: clients that never read, full disks at a log roll, paused
+nodes during status, malformed syncs, majority writes across a master crash.
 
 Each test drives real processes on 127.0.0.1 through the fixtures in conftest.py.
 """
