@@ -175,7 +175,12 @@ class SlaveRole:
 
     async def _install(self, received: _SnapshotFile, index: int) -> None:
         await self.node.settle_snapshot()
-        meta = await asyncio.to_thread(self.node.store.install_snapshot, received.path)
+        store = self.node.store
+        store.snapshotting = True  # no local snapshot may read the map while it is replaced
+        try:
+            meta = await asyncio.to_thread(store.install_snapshot, received.path)
+        finally:
+            store.snapshotting = False
         if meta.index != index:
             raise ProtocolError(f"snapshot claims index {index} but holds {meta.index}")
         self.node.durability.reset(meta.index)

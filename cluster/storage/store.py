@@ -56,7 +56,7 @@ class Store:
         self.log = log_
         self.kv = kv
         self.snapshot_index = snapshot_index
-        self.snapshotting = False
+        self.snapshotting = False  # a snapshot is being written or installed: no other starts
 
     @property
     def snapshot_path(self) -> Path:
@@ -210,12 +210,12 @@ class Store:
         self.snapshot_index = job.meta.index
         self.wal.drop_through(job.drop_through)
         self.log.compact_to(job.drop_through)
-        self.snapshotting = False
+        self.snapshotting = False  # a snapshot is being written or installed: no other starts
         log.info("snapshot at index %d written (%d keys); log now %d..%d", job.meta.index,
                  len(job.data), self.log.base + 1, self.log.last_index)
 
     def abort_snapshot(self) -> None:
-        self.snapshotting = False
+        self.snapshotting = False  # a snapshot is being written or installed: no other starts
 
     def install_snapshot(self, raw_path: Path) -> SnapshotMeta:
         """Replace all state with a snapshot received from the master (already verified
