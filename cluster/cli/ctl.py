@@ -110,12 +110,14 @@ def delete(ctx: Ctx, key: str, acks: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--min-index", type=click.IntRange(0), default=0,
+              help="Only from a node that has applied this index.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_obj
-def show(ctx: Ctx, as_json: bool) -> None:
+def show(ctx: Ctx, min_index: int, as_json: bool) -> None:
     """Print every key and value, in key order."""
     async def collect(c: Client) -> list[tuple[str, Value]]:
-        return [item async for item in c.items()]
+        return [item async for item in c.items(min_index=min_index)]
     items = ctx.run(collect)
     if as_json:
         echo_json({k: show_value(v) for k, v in items})
@@ -206,6 +208,7 @@ def shell(ctx: Ctx) -> None:
         except ReplError as exc:
             raise fail(exc, ctx.debug) from exc
         click.echo(f"connected to {ctx.router}; type 'help' for commands")
+        session = _ShellSession()
         try:
             while True:
                 try:
@@ -222,7 +225,7 @@ def shell(ctx: Ctx) -> None:
                 if words[0] in ("exit", "quit"):
                     break
                 try:
-                    click.echo(runner.run(_shell_command(client, words)))
+                    click.echo(runner.run(session.run(client, words)))
                 except ReplError as exc:
                     click.echo(f"Error: {exc}")
                     if exc.code == "network":
@@ -234,24 +237,34 @@ def shell(ctx: Ctx) -> None:
                     readline.write_history_file(history)
 
 
-async def _shell_command(client: Client, words: list[str]) -> str:
-    cmd, args = words[0], words[1:]
-    match cmd, args:
-        case "write", [key, value]:
-            return f"OK index={await client.set(key, value)}"
-        case "read", [key]:
-            r = await client.get(key)
-            return show_value(r.value) if r.found else f"(not found: {key})"
-        case "delete", [key]:
-            return f"OK index={await client.delete(key)}"
-        case "show", []:
-            lines = [f"{k}  {show_value(v)}" async for k, v in client.items()]
-            return "\n".join([*lines, f"({len(lines)} keys)"])
-        case "status", []:
-            return format_status(status_rows(await client.status()))
-        case "help", _:
-            return SHELL_HELP
-    return f"Error: bad command {' '.join(words)!r}; type 'help'"
+class _ShellSession:
+    """One shell session: it reads its own writes (every read and show asks for a node that
+    has applied the session's last write, as a user at a prompt expects)."""
+
+    def __init__(self) -> None:
+        self.last_index = 0
+
+    async def run(self, client: Client, words: list[str]) -> str:
+        cmd, args = words[0], words[1:]
+        match cmd, args:
+            case "write", [key, value]:
+                self.last_index = await client.set(key, value)
+                return f"OK index={self.last_index}"
+            case "read", [key]:
+                r = await client.get(key, min_index=self.last_index)
+                return show_value(r.value) if r.found else f"(not found: {key})"
+            case "delete", [key]:
+                self.last_index = await client.delete(key)
+                return f"OK index={self.last_index}"
+            case "show", []:
+                lines = [f"{k}  {show_value(v)}"
+                         async for k, v in client.items(min_index=self.last_index)]
+                return "\n".join([*lines, f"({len(lines)} keys)"])
+            case "status", []:
+                return format_status(status_rows(await client.status()))
+            case "help", _:
+                return SHELL_HELP
+        return f"Error: bad command {' '.join(words)!r}; type 'help'"
 
 
 # --- local cluster and demo --------------------------------------------------------------------

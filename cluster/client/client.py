@@ -84,16 +84,18 @@ class Client:
         f = await self._call(Get(self._id(), key, min_index, consistency))
         return GetResult(bool(f["found"]), f.get("value"), int(f["index"]), f.get("node"))
 
-    async def scan(self, after: str | None = None, limit: int = 1000
+    async def scan(self, after: str | None = None, limit: int = 1000, *, min_index: int = 0
                    ) -> tuple[list[tuple[str, Value]], bool]:
-        f = await self._call(Scan(self._id(), after, limit))
+        f = await self._call(Scan(self._id(), after, limit, min_index))
         return [(k, v) for k, v in f["items"]], bool(f["more"])
 
-    async def items(self, page: int = 1000) -> AsyncIterator[tuple[str, Value]]:
-        """Every key and value, in key order, a page at a time."""
+    async def items(self, page: int = 1000, *, min_index: int = 0
+                    ) -> AsyncIterator[tuple[str, Value]]:
+        """Every key and value, in key order, a page at a time (each page from a node that
+        has applied ``min_index``)."""
         after: str | None = None
         while True:
-            items, more = await self.scan(after, page)
+            items, more = await self.scan(after, page, min_index=min_index)
             for item in items:
                 yield item
             if not more or not items:

@@ -204,7 +204,8 @@ class Node:
                     if isinstance(self.role, MasterRole):
                         return self.role.write(msg, stream)
                     return not_master(msg.id, self.config.master)
-                case Scan(id=rid, after=after, limit=limit):
+                case Scan(id=rid, after=after, limit=limit, min_index=min_index):
+                    self._check_applied(min_index)
                     items, more = self.store.kv.scan(after, limit,
                                                      self.config.limits.max_frame // 2)
                     return Reply(rid, {"items": [list(i) for i in items], "more": more,
@@ -228,15 +229,19 @@ class Node:
             if not isinstance(self.role, MasterRole):
                 return not_master(msg.id, self.config.master)
             self.role.confirm_strong()
-        if kv.applied < msg.min_index:
-            raise Behind(f"{self.config.node_id} has applied {kv.applied}, "
-                         f"the read needs {msg.min_index}")
+        self._check_applied(msg.min_index)
         value = kv.get(msg.key)
         fields: dict[str, Any] = {"found": value is not None, "index": kv.applied,
                                   "node": self.config.node_id}
         if value is not None:
             fields["value"] = value
         return Reply(msg.id, fields)
+
+    def _check_applied(self, min_index: int) -> None:
+        applied = self.store.kv.applied
+        if applied < min_index:
+            raise Behind(f"{self.config.node_id} has applied {applied}, "
+                         f"the read needs {min_index}")
 
     def status(self) -> dict[str, Any]:
         cfg = self.config

@@ -211,8 +211,7 @@ class Router:
         if isinstance(msg, Get) and msg.consistency is Consistency.STRONG:
             node = self.table.master() if not tried else None
         else:
-            min_index = msg.min_index if isinstance(msg, Get) else 0
-            node = self.table.pick_read(min_index, tried)
+            node = self.table.pick_read(msg.min_index, tried)
         if node is None:
             client.finished(ErrorReply(msg.id, Unavailable.code,
                                        "no node that can serve this read is reachable"))

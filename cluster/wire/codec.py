@@ -74,8 +74,11 @@ def to_wire(msg: Message) -> dict[str, Any]:
             if c is not Consistency.ANY:
                 out["consistency"] = c.value
             return out
-        case Scan(id=i, after=after, limit=limit):
-            return {"op": "scan", "id": i, "after": after, "limit": limit}
+        case Scan(id=i, after=after, limit=limit, min_index=m):
+            out = {"op": "scan", "id": i, "after": after, "limit": limit}
+            if m:
+                out["min_index"] = m
+            return out
         case Status(id=i):
             return {"op": "status", "id": i}
         case Ping(id=i):
@@ -292,7 +295,8 @@ def decode(payload: bytes, limits: Limits) -> Message:
             after = f.string("after", optional=True)
             if after is not None and len(after.encode()) > limits.max_key:
                 f.bad(f"'after' is longer than the limit of {limits.max_key} bytes", TooLarge)
-            return Scan(f.integer("id"), after, f.integer("limit", 1000, lo=1, hi=100_000))
+            return Scan(f.integer("id"), after, f.integer("limit", 1000, lo=1, hi=100_000),
+                        f.integer("min_index", 0))
         case "status":
             return Status(f.integer("id"))
         case "ping":

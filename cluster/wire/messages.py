@@ -40,6 +40,7 @@ class Scan:
     id: int
     after: str | None = None
     limit: int = 1000
+    min_index: int = 0  # serve only from a node that has applied at least this index
 
 
 @dataclass(frozen=True, slots=True)

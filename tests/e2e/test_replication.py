@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from cluster.client import Client
-from cluster.errors import NoQuorum, NotMaster, ReplError
+from cluster.errors import Behind, NoQuorum, NotMaster, ReplError, Unavailable
 from cluster.local import LocalCluster
 from cluster.types import Acks
 from tests.e2e.conftest import node_items, node_status, wait_applied, wait_for
@@ -40,6 +40,21 @@ async def test_reads_through_the_router_go_to_slaves(cluster: LocalCluster,
 async def _router_sees_applied(client: Client, index: int) -> bool:
     nodes = (await client.status())["nodes"]
     return all(n["up"] and n["applied_index"] >= index for n in nodes)
+
+
+async def test_reads_and_scans_wait_for_min_index(cluster: LocalCluster,
+                                                  client: Client) -> None:
+    index = await client.set("mine", "1")
+    ahead = index + 1000  # no node has applied this yet
+    async with await Client.connect(cluster.addresses["n3"]) as direct:
+        with pytest.raises(Behind):
+            await direct.get("mine", min_index=ahead)
+        with pytest.raises(Behind):
+            await direct.scan(min_index=ahead)
+    with pytest.raises(Unavailable):  # every node refused: the router says so
+        await client.scan(min_index=ahead)
+    items, _ = await client.scan(min_index=index)  # some node has it: served
+    assert ("mine", "1") in items
 
 
 async def test_a_slave_rejects_writes(cluster: LocalCluster) -> None:
