@@ -20,8 +20,6 @@ from cluster.types import NodeId
 
 log = logging.getLogger(__name__)
 
-NODE_IDS = [NodeId(f"n{i}") for i in range(1, 5)]
-
 
 class ClusterError(ReplError):
     code = "cluster"

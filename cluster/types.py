@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from typing import NewType
 
 NodeId = NewType("NodeId", str)
-LogIndex = NewType("LogIndex", int)
-Epoch = NewType("Epoch", int)
 
 Value = bytes | str
 """A value is stored exactly as the client sent it: a msgpack str or bin."""

@@ -50,8 +50,6 @@ class MasterCore:
         self.window_entries = window_entries
         self.batch_bytes = batch_bytes  # an append frame stays under this (one entry at least)
         self.followers = {n: Follower(n) for n in slaves}
-        self._waiters: list[tuple[int, int]] = []  # (index, token) heap for acks=majority
-        self._token = 0
 
     # --- writes ------------------------------------------------------------------------------
 

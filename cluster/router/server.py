@@ -60,10 +60,6 @@ class Router:
         self._tasks: set[asyncio.Task[None]] = set()
         self._first_round = asyncio.Event()
 
-    @staticmethod
-    def now_ms() -> int:
-        return int(time.time() * 1000)
-
     def stop(self) -> None:
         self._stop.set()
 
@@ -111,7 +107,7 @@ class Router:
                     raise ReplError(f"{reply.code}: {reply.message}")
                 assert isinstance(reply, Reply)
                 was_up = self.table.views[node].up
-                self.table.update(node, reply.fields, self.now_ms())
+                self.table.update(node, reply.fields)
                 if not was_up:
                     log.info("node %s at %s is up (%s)", node, addr, reply.fields.get("role"))
             except (ReplError, OSError) as exc:
@@ -201,7 +197,7 @@ class Router:
                 self._node_failed(node, conn, str(exc))
                 return
             if isinstance(reply, Reply):
-                self.table.update(node, reply.fields, self.now_ms())
+                self.table.update(node, reply.fields)
 
         await asyncio.gather(*(probe(n, c) for n, c in list(self._links.items())))
         client.finished(Reply(rid, {"router": str(self.address), "master": self.table.master(),

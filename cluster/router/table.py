@@ -19,7 +19,6 @@ class NodeView:
     epoch: int = 0
     last_index: int = 0
     applied_index: int = 0
-    last_ok_ms: int = 0
     error: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -30,7 +29,7 @@ class RoutingTable:
         self.max_lag = max_lag
         self._rng = rng
 
-    def update(self, node: NodeId, status: dict[str, Any], now_ms: int) -> None:
+    def update(self, node: NodeId, status: dict[str, Any]) -> None:
         v = self.views[node]
         v.up = True
         v.error = None
@@ -38,7 +37,6 @@ class RoutingTable:
         v.epoch = int(status.get("epoch", 0))
         v.last_index = int(status.get("last_index", 0))
         v.applied_index = int(status.get("applied_index", 0))
-        v.last_ok_ms = now_ms
         v.status = status
 
     def failed(self, node: NodeId, error: str) -> bool:

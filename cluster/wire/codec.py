@@ -133,11 +133,6 @@ def frame_with_id(msg: Message, new_id: int) -> bytes:
     return encode_frame(_pack(data))
 
 
-def frame_map(data: dict[str, Any]) -> bytes:
-    """A raw map as a complete frame (the router relays replies it does not interpret)."""
-    return encode_frame(_pack(data))
-
-
 # --- decoding ------------------------------------------------------------------------------------
 
 
@@ -332,17 +327,6 @@ def _decode_reply(m: dict[Any, Any], rid: int | None) -> Reply | ErrorReply:
     if not isinstance(code, str) or not isinstance(text, str):
         _fail(BadFrame, "an error reply must carry string 'code' and 'message'", rid)
     return ErrorReply(rid, code, text, master if isinstance(master, str) else None)
-
-
-def decode_map(payload: bytes) -> dict[Any, Any]:
-    """A payload as a plain map, for relaying (raises BadFrame when it is not one)."""
-    try:
-        m = _unpack(payload)
-    except Exception as exc:
-        raise BadFrame(f"payload is not valid msgpack: {exc}") from exc
-    if not isinstance(m, dict):
-        raise BadFrame("payload must be a msgpack map")
-    return m
 
 
 # --- storage records -----------------------------------------------------------------------------
