@@ -99,7 +99,10 @@ class SlaveRole:
                 raise error_for_code(reply.code, reply.message)
             if not isinstance(reply, Reply):
                 raise ProtocolError(f"master answered sync with {type(reply).__name__}")
-            epoch, match = int(reply.fields["epoch"]), int(reply.fields["match"])
+            try:
+                epoch, match = int(reply.fields["epoch"]), int(reply.fields["match"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ProtocolError(f"malformed sync reply from the master: {exc!r}") from exc
             await self.node.settle_snapshot()
             self._adopt_epoch(epoch)
             if match < store.log.last_index:
