@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster.client import Client
-from cluster.config import Address
+from cluster.config import Address, Limits
 from cluster.errors import ReplError
 from cluster.local import LocalCluster
+from cluster.wire import codec
+from cluster.wire.framing import FrameDecoder
+from cluster.wire.messages import ErrorReply
 
 pytestmark = pytest.mark.e2e
 
@@ -91,3 +96,61 @@ async def cluster(make_cluster: Callable[..., Awaitable[LocalCluster]]) -> Local
 async def client(cluster: LocalCluster) -> AsyncIterator[Client]:
     async with await Client.connect(cluster.router_address, timeout=10) as c:
         yield c
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems (``tmpfs("1m")``): disks that fill up for real.
+    Needs root; in CI a missing root is a failure, not a skip."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run as root to mount a tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       check=True)
+        mounts.append(path)
+        return path
+
+    try:
+        yield mount
+    finally:
+        for path in mounts:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def cluster_on_disks(data_dir: Path, disks: dict[str, Path],
+                           node_args: list[str] | None = None) -> LocalCluster:
+    """Start a cluster whose nodes named in ``disks`` keep their data on those disks."""
+    cl = LocalCluster(data_dir, base_port=0, extra_node_args=[*FAST_NODE, *(node_args or [])],
+                      extra_router_args=FAST_ROUTER)
+    data_dir.mkdir()
+    for node, disk in disks.items():
+        (data_dir / node).symlink_to(disk, target_is_directory=True)
+    await cl.start()
+    return cl
+
+
+async def raw_exchange(addr: Address, data: bytes) -> tuple[ErrorReply, bool]:
+    """Send raw bytes; return the error reply and whether the server then closed."""
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        decoder = FrameDecoder(1 << 24)
+        frames: list[bytes] = []
+        async with asyncio.timeout(5):
+            while not frames:
+                chunk = await reader.read(65536)
+                assert chunk, "closed without an error reply"
+                frames = decoder.feed(chunk)
+            closed = await reader.read(65536) == b""
+        reply = codec.decode(frames[0], Limits())
+        assert isinstance(reply, ErrorReply), reply
+        return reply, closed
+    finally:
+        writer.close()

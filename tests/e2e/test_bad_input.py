@@ -12,12 +12,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from cluster.client import Client
-from cluster.config import Address
 from cluster.local import LocalCluster
 from cluster.wire import codec
-from cluster.wire.framing import FrameDecoder, encode_frame
-from cluster.wire.messages import ErrorReply
-from tests.e2e.conftest import node_items, wait_applied
+from cluster.wire.framing import encode_frame
+from tests.e2e.conftest import node_items, raw_exchange, wait_applied
 
 pytestmark = pytest.mark.e2e
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
@@ -36,27 +34,6 @@ GARBAGE = {
 }
 
 
-async def _send_garbage(addr: Address, data: bytes) -> tuple[ErrorReply, bool]:
-    """Send raw bytes; return the error reply and whether the server closed the socket."""
-    reader, writer = await asyncio.open_connection(addr.host, addr.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        decoder = FrameDecoder(1 << 24)
-        frames: list[bytes] = []
-        async with asyncio.timeout(5):
-            while not frames:
-                chunk = await reader.read(65536)
-                assert chunk, "closed without an error reply"
-                frames = decoder.feed(chunk)
-            closed = await reader.read(65536) == b""
-        reply = codec.decode(frames[0], codec.Limits())
-        assert isinstance(reply, ErrorReply)
-        return reply, closed
-    finally:
-        writer.close()
-
-
 @pytest.mark.parametrize("target", ["node", "router"])
 async def test_garbage_gets_an_error_and_the_cluster_keeps_working(
         cluster: LocalCluster, target: str) -> None:
@@ -64,7 +41,7 @@ async def test_garbage_gets_an_error_and_the_cluster_keeps_working(
     async with await Client.connect(cluster.router_address) as bystander:
         before = await bystander.set("safe", "data")
         for name, (data, code) in GARBAGE.items():
-            reply, closed = await _send_garbage(addr, data)
+            reply, closed = await raw_exchange(addr, data)
             assert reply.code == code, name
             assert closed, f"{name}: the connection should be closed"
             # the open connection of another client is unaffected
@@ -76,7 +53,7 @@ async def test_garbage_gets_an_error_and_the_cluster_keeps_working(
 
 
 async def test_error_reply_carries_the_request_id(cluster: LocalCluster) -> None:
-    reply, _ = await _send_garbage(cluster.addresses["n1"], GARBAGE["unknown op"][0])
+    reply, _ = await raw_exchange(cluster.addresses["n1"], GARBAGE["unknown op"][0])
     assert reply.id == 7
 
 

@@ -15,16 +15,23 @@ import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from cluster.client import Client
-from cluster.config import Limits
+from cluster.errors import StorageFailure
 from cluster.local import LocalCluster
 from cluster.wire import codec
-from cluster.wire.framing import FrameDecoder, encode_frame
-from cluster.wire.messages import ErrorReply, Get
-from tests.e2e.conftest import node_status, wait_applied, wait_for
+from cluster.wire.framing import encode_frame
+from cluster.wire.messages import Get
+from tests.e2e.conftest import (
+    cluster_on_disks,
+    node_status,
+    raw_exchange,
+    wait_applied,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
@@ -68,15 +75,14 @@ def _gets(key: str, count: int, first_id: int = 1) -> bytes:
     return b"".join(codec.frame(Get(first_id + i, key)) for i in range(count))
 
 
-# --- 1. the router leaks a connection per `status` that times out on a slow node -------------
+# --- the router keeps no connection it gave up on ------------------------------------------
 
 
-async def test_router_status_during_a_paused_node_leaks_connections(
+async def test_router_status_during_a_paused_node_leaks_no_connections(
         cluster: LocalCluster) -> None:
-    """`replctl status` when a node stops answering: Router._status's probe times out
-    (RequestTimeout), _node_failed() removes the link from _links without closing it, and
-    the probe loop, finding no link, opens a new one. The dropped link's socket and reader
-    task live on after the node comes back: one leaked connection per such status call."""
+    """`replctl status` while a node is paused: the router's probe times out and it gives
+    up on that connection. It must close it (socket and reader task), not just forget it:
+    repeated status calls during pauses must not leak connections."""
     router = _pid(cluster, "router")
     async with await Client.connect(cluster.router_address, timeout=10) as c:
         await c.set("k", "v")
@@ -106,15 +112,15 @@ async def test_router_status_during_a_paused_node_leaks_connections(
             "links dropped by _status() were never closed")
 
 
-# --- 2. SIGTERM hangs when one client does not read its replies ------------------------------
+# --- SIGTERM stops a process even when a client does not read its replies ------------------
 
 
 @pytest.mark.parametrize("target", ["n2", "router"])
 async def test_sigterm_does_not_hang_on_a_client_that_never_reads(
         cluster: LocalCluster, target: str) -> None:
-    """DESIGN: 'SIGTERM or SIGINT stops it cleanly'. One client that sent reads and never
-    reads the replies keeps the process alive forever: shutdown awaits stream.close(),
-    and wait_closed() waits for a write buffer that will never drain."""
+    """DESIGN: 'SIGTERM or SIGINT stops it cleanly', even with a client connected that sent
+    reads and never reads the replies: closing that connection must not wait forever for
+    a write buffer that will never drain."""
     async with await Client.connect(cluster.router_address) as c:
         index = await c.set("big", b"x" * MIB)
     await wait_applied(cluster, "n2", index)
@@ -123,8 +129,10 @@ async def test_sigterm_does_not_hang_on_a_client_that_never_reads(
     sock = _non_reading_client(addr.host, addr.port)
     try:
         sock.sendall(_gets("big", 24))  # 24 MiB of replies, far above every buffer
-        await wait_for(lambda: asyncio.sleep(0, _rss_mib(pid) > 12 and _unread(sock) > 0),
-                       f"{target} to queue the replies")
+        async def queued() -> bool:
+            return _rss_mib(pid) > 12 and _unread(sock) > 0
+
+        await wait_for(queued, f"{target} to queue the replies")
         proc = cluster.children[target].proc
         assert proc is not None
         proc.send_signal(signal.SIGTERM)
@@ -138,17 +146,16 @@ async def test_sigterm_does_not_hang_on_a_client_that_never_reads(
         sock.close()
 
 
-# --- 3. one client that does not read makes the node buffer unbounded replies ----------------
+# --- a client that does not read costs bounded memory --------------------------------------
 
 
 @pytest.mark.parametrize("target", ["n2", "router"])
 async def test_memory_stays_bounded_for_a_client_that_never_reads(
         cluster: LocalCluster, target: str) -> None:
-    """README: a slow client costs bounded memory (reading pauses at HIGH_WATER = 4 MiB).
-    But the pause is checked only between 256 KiB reads, and one read of small `get`
-    frames can ask for thousands of large values: 400 gets of a 1 MiB value arrive in
-    one read (~6 KiB) and the process buffers 400 MiB of replies for a client that never
-    reads them."""
+    """README: a client that stops reading costs bounded memory. The hard case: one read
+    of small `get` frames (400 gets of a 1 MiB value, about 6 KiB) asks for 400 MiB of
+    replies; the pause must apply between requests, and the router must not hold more of
+    one client's requests than it can afford to answer."""
     async with await Client.connect(cluster.router_address) as c:
         index = await c.set("big", b"x" * MIB)
     await wait_applied(cluster, "n2", index)
@@ -174,40 +181,24 @@ async def test_memory_stays_bounded_for_a_client_that_never_reads(
         sock.close()
 
 
-# --- 4. a malformed sync gets no error reply --------------------------------------------------
+# --- a malformed sync gets an error reply ---------------------------------------------------
 
 
 async def test_malformed_sync_epochs_get_an_error_reply(cluster: LocalCluster) -> None:
     """DESIGN: 'wrong types get a clear error reply where the protocol allows, and the
-    offending connection is closed'. A sync whose epoch history goes backwards passes the
-    codec, then EpochHistory raises ValueError inside MasterRole.replicate; nothing
-    catches it, so the connection is dropped without a reply (and the handler task dies
-    with 'Task exception was never retrieved')."""
+    offending connection is closed'. A sync whose epoch history goes backwards gets
+    bad_request, and the master keeps serving everyone else."""
     addr = cluster.addresses["n1"]
-    reader, writer = await asyncio.open_connection(addr.host, addr.port)
-    try:
-        writer.write(encode_frame(codec.pack_obj({
-            "op": "sync", "id": 7, "node": "n2", "epoch": 0, "last_index": 5,
-            "epochs": [[2, 1], [1, 3]]})))
-        await writer.drain()
-        decoder = FrameDecoder(1 << 24)
-        frames: list[bytes] = []
-        async with asyncio.timeout(5):
-            while not frames:
-                chunk = await reader.read(65536)
-                assert chunk, "the master closed the connection without an error reply"
-                frames = decoder.feed(chunk)
-        reply = codec.decode(frames[0], Limits())
-        assert isinstance(reply, ErrorReply) and reply.id == 7
-        assert reply.code == "bad_request"
-    finally:
-        writer.close()
+    reply, closed = await raw_exchange(addr, encode_frame(codec.pack_obj({
+        "op": "sync", "id": 7, "node": "n2", "epoch": 0, "last_index": 5,
+        "epochs": [[2, 1], [1, 3]]})))
+    assert (reply.id, reply.code, closed) == (7, "bad_request", True)
     # the master still serves everyone else
     async with await Client.connect(addr) as c:
         assert (await c.ping())["role"] == "master"
 
 
-# --- regression coverage for tricky scenarios that currently pass ----------------------------
+# --- majority writes across a paused slave and a master crash -------------------------------
 
 
 async def test_majority_writes_survive_master_sigkill_during_a_slave_pause(
@@ -240,22 +231,7 @@ async def test_majority_writes_survive_master_sigkill_during_a_slave_pause(
                 assert (await c.get(k)).value == k[1:], (n, k)
 
 
-# --- 5. a full disk at the moment the log rolls to a new segment breaks writes for good -----
-
-
-@pytest.fixture
-async def tiny_disk(tmp_path):  # type: ignore[no-untyped-def]
-    """A 4 MiB tmpfs that the test fills up for real."""
-    import subprocess
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+# --- a full disk at the moment the log rolls to a new segment -----------------------------
 
 
 def _fill(path) -> None:  # type: ignore[no-untyped-def]
@@ -270,21 +246,15 @@ def _fill(path) -> None:  # type: ignore[no-untyped-def]
         os.close(fd)
 
 
-async def test_writes_resume_after_a_full_disk_hits_a_log_roll(tiny_disk) -> None:  # type: ignore[no-untyped-def]
+async def test_writes_resume_after_a_full_disk_hits_a_log_roll(
+        tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
     """DESIGN: 'A full disk fails the write with an error and leaves the log readable';
-    README: 'the node keeps serving reads and later writes'. When the disk is full at the
-    moment a snapshot rolls the log (WAL.roll: fsync, close the fd, then create the next
-    segment, which fails), the WAL keeps the closed descriptor: every later write fails
-    with 'Bad file descriptor' (or lands in whatever file reuses the number) even after
-    space is freed, and snapshots stay disabled (store.snapshotting is never cleared)."""
-    from cluster.errors import StorageFailure
-    from tests.e2e.conftest import FAST_NODE, FAST_ROUTER
-    cl = LocalCluster(tiny_disk.parent / "c", base_port=0,
-                      extra_node_args=[*FAST_NODE, "--snapshot-every", "40"],
-                      extra_router_args=FAST_ROUTER)
-    cl.data_dir.mkdir()
-    (cl.data_dir / "n1").symlink_to(tiny_disk, target_is_directory=True)
-    await cl.start()
+    README: 'the node ... takes writes again once there is space'. Here the disk fills up
+    exactly when a snapshot rolls the log to a new segment: the roll must fail without
+    leaving the log on a closed descriptor, and writes (and snapshots) resume once space
+    is freed."""
+    tiny_disk = tmpfs("4m")
+    cl = await cluster_on_disks(tmp_path / "c", {"n1": tiny_disk}, ["--snapshot-every", "40"])
     filler = tiny_disk / "filler"
     try:
         async with await Client.connect(cl.router_address) as c:
@@ -313,52 +283,21 @@ async def test_writes_resume_after_a_full_disk_hits_a_log_roll(tiny_disk) -> Non
         await cl.stop()
 
 
-# --- 6. slaves whose disk is full: hot reconnect loop, majority writes that never end --------
-
-
-@pytest.fixture
-async def two_tiny_disks(tmp_path):  # type: ignore[no-untyped-def]
-    import subprocess
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounts = []
-    try:
-        for name in ("d2", "d3"):
-            m = tmp_path / name
-            m.mkdir()
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(m)],
-                           check=True)
-            mounts.append(m)
-        yield mounts
-    finally:
-        for m in mounts:
-            (m / "filler").unlink(missing_ok=True)
-            subprocess.run(["umount", "-l", str(m)], check=False)
-
-
-async def _cluster_on(tmp_path, disks) -> LocalCluster:  # type: ignore[no-untyped-def]
-    from tests.e2e.conftest import FAST_NODE, FAST_ROUTER
-    cl = LocalCluster(tmp_path / "c", base_port=0, extra_node_args=FAST_NODE,
-                      extra_router_args=FAST_ROUTER)
-    cl.data_dir.mkdir()
-    for node, disk in zip(("n2", "n3"), disks, strict=True):
-        (cl.data_dir / node).symlink_to(disk, target_is_directory=True)
-    await cl.start()
-    return cl
+# --- a slave whose disk is full backs off --------------------------------------------------
 
 
 async def test_a_slave_with_a_full_disk_does_not_reconnect_in_a_hot_loop(
-        tmp_path, two_tiny_disks) -> None:  # type: ignore[no-untyped-def]
-    """slave.py run(): after an established session ends, the slave reconnects at once
-    (backoff 0). When the failure is persistent and local (StorageFailure from
-    store.append on a full disk), it resyncs in a tight loop: the master re-sends the same
-    batch, the slave fails again, hundreds of handshakes a second, log spam on both."""
-    cl = await _cluster_on(tmp_path, two_tiny_disks)
+        tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
+    """A slave reconnects at once only after a session that made progress. One whose disk
+    is full (a persistent, local failure) must back off, not resync hundreds of times a
+    second with the master re-sending the same batch."""
+    disks = [tmpfs("4m"), tmpfs("4m")]
+    cl = await cluster_on_disks(tmp_path / "c", {"n2": disks[0], "n3": disks[1]})
     try:
         async with await Client.connect(cl.router_address) as c:
             index = await c.set("x", "y")
             await wait_applied(cl, "n2", index)
-            _fill(two_tiny_disks[0] / "filler")
+            _fill(disks[0] / "filler")
             for i in range(5):
                 await c.set(f"big{i}", "z" * 20_000)  # n2 cannot store these
         addr = cl.addresses["n2"]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ from cluster.client import Client
 from cluster.errors import StorageFailure
 from cluster.local import LocalCluster
 from tests.e2e.conftest import (
-    FAST_NODE,
-    FAST_ROUTER,
+    cluster_on_disks,
     node_items,
     node_status,
     wait_applied,
@@ -27,29 +25,10 @@ pytestmark = pytest.mark.e2e
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
 
 
-@pytest.fixture
-async def tiny_disk(tmp_path: Path) -> AsyncIterator[Path]:
-    """A 1 MiB tmpfs: a disk that fills up for real."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run as root to mount a tmpfs")
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-async def test_a_full_disk_fails_the_write_and_loses_nothing(tiny_disk: Path) -> None:
-    # the master's data directory is the tiny disk
-    cl = LocalCluster(tiny_disk.parent / "c", base_port=0, extra_node_args=FAST_NODE,
-                      extra_router_args=FAST_ROUTER)
-    cl.data_dir.mkdir()
-    (cl.data_dir / "n1").symlink_to(tiny_disk, target_is_directory=True)
-    await cl.start()
+async def test_a_full_disk_fails_the_write_and_loses_nothing(
+        tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
+    tiny_disk = tmpfs("1m")  # the master's data directory
+    cl = await cluster_on_disks(tmp_path / "c", {"n1": tiny_disk})
     try:
         async with await Client.connect(cl.router_address) as c:
             acked: dict[str, int] = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 
 from cluster.config import FsyncPolicy
 from cluster.errors import StorageFailure
+from cluster.node import durability as durability_module
 from cluster.node.durability import Durability
 from cluster.storage.snapshot import SnapshotMeta, write_snapshot
 from cluster.storage.store import Store
@@ -94,45 +94,61 @@ def test_failed_roll_does_not_disable_snapshots_forever(
 # --- Durability.reset racing an fsync in flight ----------------------------------------------
 
 
-class _SlowSyncStore:
-    """Just enough of a Store for Durability: an fsync the test releases by hand."""
+class _Store:
+    """Just enough of a Store for Durability."""
 
     class _Log:
         last_index = 10
 
     def __init__(self) -> None:
         self.log = self._Log()
-        self.started = threading.Event()
-        self.release = threading.Event()
 
-    def sync(self) -> None:
-        self.started.set()
-        assert self.release.wait(10)
+    def sync(self) -> None:  # the fake to_thread below stands for the fsync itself
+        pass
 
 
-async def test_durability_reset_during_an_fsync_does_not_claim_cut_entries() -> None:
+async def test_durability_reset_during_an_fsync_does_not_claim_cut_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A slave's log is cut back (truncate_after on reconnect) while the fsync of the old
-    tail is running in a worker thread. Durability.reset(5) sets durable = 5, then the
-    old fsync finishes and _advance(10) raises durable to 10, beyond the log's end. The
-    slave then reports durable_index 10 and, as new entries 6..10 arrive, acknowledges them
-    on the next heartbeat before they are fsynced (SlaveCore.ack = min(durable, applied)):
-    an acks=majority write counted on a copy that is not durable."""
-    store = _SlowSyncStore()
+    tail is running in a worker thread. If that fsync's completion then counted, durable
+    would be 10, beyond the log's end at 5, and entries 6..10 arriving later would be
+    acknowledged before they are fsynced (SlaveCore.ack = min(durable, applied)): an
+    acks=majority write counted on a copy that is not durable. The fsync's completion is
+    under the test's control, so the interleaving is exact."""
+    fsyncs: list[asyncio.Future[None]] = []
+
+    async def controlled_to_thread(fn: Any, *args: Any) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fsyncs.append(done)
+        await done
+
+    monkeypatch.setattr(durability_module.asyncio, "to_thread", controlled_to_thread)
+
+    async def until(n: int) -> None:
+        for _ in range(100):  # a bounded number of loop turns, no clock
+            if len(fsyncs) >= n:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"the durability loop never started fsync #{n}")
+
     seen: list[int] = []
-    d = Durability(store, FsyncPolicy.ALWAYS, seen.append)  # type: ignore[arg-type]
+    d = Durability(_Store(), FsyncPolicy.ALWAYS, seen.append)  # type: ignore[arg-type]
     d.written = d.durable = 0
     task = asyncio.create_task(d.run())
     try:
         d.wrote(10)
-        await asyncio.to_thread(store.started.wait, 5)
+        await until(1)
         d.reset(5)  # the log was cut to 5 while the fsync of ..10 is in flight
-        store.release.set()
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        assert d.durable <= 5 and all(i <= 5 for i in seen), (
+        fsyncs[0].set_result(None)
+        d.wrote(7)  # a later write: the loop must go on and sync it
+        await until(2)
+        assert d.durable == 5 and seen == [], (
             f"durable={d.durable}, on_durable({seen}) after the log was cut to 5")
+        fsyncs[1].set_result(None)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert d.durable == 7 and seen == [7]
     finally:
-        store.release.set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
