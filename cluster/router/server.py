@@ -97,38 +97,47 @@ class Router:
         addr = cfg.cluster[node]
         while True:
             started = time.monotonic()
-            try:
-                conn = self._links.get(node)
-                if conn is None or conn.closed:
+            conn = self._links.get(node)
+            if conn is None or conn.closed:
+                try:
                     conn = await Connection.open(addr, cfg.limits, timeout=cfg.node_timeout)
+                except ReplError as exc:
+                    conn = None
+                    if self.table.failed(node, str(exc)):
+                        log.warning("node %s at %s is down: %s", node, addr, exc)
+                else:
                     self._links[node] = conn
-                reply = await conn.call(Status(conn.next_id()), timeout=cfg.node_timeout)
-                if isinstance(reply, ErrorReply):
-                    raise ReplError(f"{reply.code}: {reply.message}")
-                assert isinstance(reply, Reply)
-                was_up = self.table.views[node].up
-                self.table.update(node, reply.fields)
-                if not was_up:
-                    log.info("node %s at %s is up (%s)", node, addr, reply.fields.get("role"))
-            except (ReplError, OSError) as exc:
-                if self.table.failed(node, str(exc)):
-                    log.warning("node %s at %s is down: %s", node, addr, exc)
-                conn = self._links.pop(node, None)
-                if conn is not None:
-                    await conn.close()
+            if conn is not None:
+                await self._probe(node, conn)
             self._probed.add(node)
             if len(self._probed) == len(cfg.cluster):
                 self._first_round.set()
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.0, cfg.health_interval - elapsed))
 
+    async def _probe(self, node: NodeId, conn: Connection) -> None:
+        """Ask one node for its status and record it; a failure marks the node down."""
+        try:
+            reply = await conn.call(Status(conn.next_id()), timeout=self.config.node_timeout)
+            if isinstance(reply, ErrorReply):
+                raise ReplError(f"{reply.code}: {reply.message}")
+        except ReplError as exc:
+            self._node_failed(node, conn, str(exc))
+            return
+        was_up = self.table.views[node].up
+        self.table.update(node, reply.fields)
+        if not was_up:
+            log.info("node %s at %s is up (%s)", node, self.config.cluster[node],
+                     reply.fields.get("role"))
+
     def _node_failed(self, node: NodeId, conn: Connection, error: str) -> None:
-        """A forwarded request saw the link die: the node is down until a probe says not."""
+        """A probe or a forwarded request saw the link fail: drop it; the node is down
+        until a probe says otherwise."""
         if self._links.get(node) is conn:
             del self._links[node]
         conn.abort()
         if self.table.failed(node, error):
-            log.warning("node %s is down: %s", node, error)
+            log.warning("node %s at %s is down: %s", node, self.config.cluster[node], error)
 
     # --- clients -----------------------------------------------------------------------------
 
@@ -190,16 +199,7 @@ class Router:
 
     async def _status(self, rid: int, client: _Client) -> None:
         """Answer ``status`` from a fresh probe of every node the router is connected to."""
-        async def probe(node: NodeId, conn: Connection) -> None:
-            try:
-                reply = await conn.call(Status(conn.next_id()), timeout=self.config.node_timeout)
-            except ReplError as exc:
-                self._node_failed(node, conn, str(exc))
-                return
-            if isinstance(reply, Reply):
-                self.table.update(node, reply.fields)
-
-        await asyncio.gather(*(probe(n, c) for n, c in list(self._links.items())))
+        await asyncio.gather(*(self._probe(n, c) for n, c in list(self._links.items())))
         client.finished(Reply(rid, {"router": str(self.address), "master": self.table.master(),
                                     "nodes": self.table.view()}))
 

@@ -16,13 +16,18 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-ENGINE = REPO / "scripts" / "docker_engine.sh"
-COMPOSE_FILE = REPO / "docker-compose.yml"
-NODE_SERVICES = ("master", "slave1", "slave2", "slave3")
-SERVICES = (*NODE_SERVICES, "router")
-NODE_PORT = {"master": 7001, "slave1": 7002, "slave2": 7003, "slave3": 7004}
-NODE_ID = {"master": "n1", "slave1": "n2", "slave2": "n3", "slave3": "n4"}
+from tests.docker.conftest import (
+    COMPOSE_FILE,
+    ENGINE,
+    NODE_ID,
+    NODE_PORT,
+    NODE_SERVICES,
+    REPO,
+    SERVICES,
+    run,
+    skip_unless_allowed,
+)
+
 OFFLINE = {"DOCKER_HOST": "unix:///nonexistent"}
 
 try:
@@ -33,39 +38,11 @@ except ImportError:  # PyYAML is in the `test` extra; CI installs it, so never s
     pytest.skip("PyYAML is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 
-def in_ci() -> bool:
-    return bool(os.environ.get("CI"))
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def run(
-    args: list[Any], *, env: dict[str, str] | None = None, timeout: float = 60, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [str(a) for a in args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {args}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 def compose_v1() -> str:
     found = shutil.which("docker-compose")
     if found:
         return found
-    if not (is_root() or in_ci()):
-        pytest.skip(
-            "docker-compose is not installed and installing it needs root (set CI=1 to force)"
-        )
+    skip_unless_allowed("installing docker-compose")
     run(["bash", ENGINE, "install"], timeout=300)
     found = shutil.which("docker-compose")
     assert found, "scripts/docker_engine.sh install did not provide docker-compose"

@@ -39,6 +39,15 @@ async def wait_for(check: Callable[[], Awaitable[bool]], what: str,
     raise AssertionError(f"timed out waiting for {what}")  # pragma: no cover
 
 
+async def happens_within(check: Callable[[], Awaitable[bool]], seconds: float) -> bool:
+    """Watch for something that must not happen: True if ``check`` held within ``seconds``."""
+    try:
+        await wait_for(check, "the watched condition", seconds)
+    except (TimeoutError, AssertionError):
+        return False
+    return True
+
+
 async def node_status(address: Address) -> dict[str, Any]:
     async with await Client.connect(address, timeout=3) as c:
         return await c.status()
