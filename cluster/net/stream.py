@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator
 
 from cluster.config import Address, Limits
-from cluster.errors import NetworkError
+from cluster.errors import FrameTooLarge, NetworkError, ProtocolError
 from cluster.wire import codec
 from cluster.wire.framing import FrameDecoder
-from cluster.wire.messages import Message
+from cluster.wire.messages import ErrorReply, Message
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,29 @@ class FramedStream:
                 yield frames
             if self._decoder.error is not None:
                 raise self._decoder.error
+
+    async def requests(self) -> AsyncIterator[Message]:
+        """Each message the peer sends, decoded, for a server's request loop.
+
+        A frame or message that breaks the protocol gets an error reply (id 0 when its id
+        could not be read) and ends the iteration: the caller then closes the connection.
+        After each message the loop pauses while replies pile up unread (backpressure)."""
+        try:
+            async for payloads in self.read_payloads():
+                for payload in payloads:
+                    try:
+                        msg = codec.decode(payload, self.limits)
+                    except ProtocolError as exc:
+                        self._refuse(codec.request_id_of(exc) or 0, exc)
+                        return
+                    yield msg
+                    await self.wait_writable()
+        except FrameTooLarge as exc:
+            self._refuse(0, exc)
+
+    def _refuse(self, request_id: int, exc: ProtocolError) -> None:
+        log.warning("closing %s: %s", self.peer, exc)
+        self.send(ErrorReply(request_id, exc.code, str(exc)))
 
     async def read_message(self) -> Message:
         """The next whole message (for request/reply exchanges, not bulk streams)."""

@@ -14,11 +14,9 @@ from cluster.config import Address, NodeConfig
 from cluster.errors import (
     BadRequest,
     Behind,
-    FrameTooLarge,
     InternalError,
     NetworkError,
     NoQuorum,
-    ProtocolError,
     ShuttingDown,
     StorageFailure,
 )
@@ -28,7 +26,6 @@ from cluster.node.master import MasterRole, not_master
 from cluster.node.slave import SlaveRole
 from cluster.storage.store import Store
 from cluster.types import Consistency
-from cluster.wire import codec
 from cluster.wire.messages import (
     Delete,
     ErrorReply,
@@ -159,9 +156,6 @@ class Node:
         self._streams.add(stream)
         try:
             await self._serve_stream(stream)
-        except FrameTooLarge as exc:
-            log.warning("closing %s: %s", stream.peer, exc)
-            stream.send(ErrorReply(0, exc.code, str(exc)))
         except (NetworkError, OSError, ConnectionError):
             pass
         finally:
@@ -169,28 +163,18 @@ class Node:
             await stream.close()
 
     async def _serve_stream(self, stream: FramedStream) -> None:
-        limits = self.config.limits
-        async for payloads in stream.read_payloads():
-            for payload in payloads:
-                try:
-                    msg = codec.decode(payload, limits)
-                except ProtocolError as exc:
-                    log.warning("closing %s: %s", stream.peer, exc)
-                    stream.send(ErrorReply(codec.request_id_of(exc) or 0, exc.code, str(exc)))
+        async for msg in stream.requests():
+            if isinstance(msg, Sync):
+                if isinstance(self.role, MasterRole):
+                    await self.role.replicate(stream, msg)
+                else:
+                    stream.send(not_master(msg.id, self.config.master))
+                return
+            reply = self.dispatch(msg, stream)
+            if reply is not None:
+                stream.send(reply)
+                if isinstance(reply, ErrorReply) and reply.code == BadRequest.code:
                     return
-                if isinstance(msg, Sync):
-                    if isinstance(self.role, MasterRole):
-                        await self.role.replicate(stream, msg)
-                    else:
-                        stream.send(not_master(msg.id, self.config.master))
-                    return
-                reply = self.dispatch(msg, stream)
-                if reply is not None:
-                    stream.send(reply)
-                    if isinstance(reply, ErrorReply) and reply.code == BadRequest.code:
-                        return
-                # a client that sends faster than it reads is paused, not buffered for
-                await stream.wait_writable()
 
     def dispatch(self, msg: Message, stream: FramedStream) -> Reply | ErrorReply | None:
         """Answer one request, or return None when the reply will be sent later."""

@@ -20,10 +20,8 @@ from cluster.config import Address, RouterConfig
 from cluster.errors import (
     BadRequest,
     Behind,
-    FrameTooLarge,
     NetworkError,
     NotMaster,
-    ProtocolError,
     ReplError,
     Unavailable,
 )
@@ -146,22 +144,10 @@ class Router:
         stream = client.stream
         self._streams.add(stream)
         try:
-            async for payloads in stream.read_payloads():
-                for payload in payloads:
-                    try:
-                        msg = codec.decode(payload, self.config.limits)
-                    except ProtocolError as exc:
-                        log.warning("closing %s: %s", stream.peer, exc)
-                        stream.send(ErrorReply(codec.request_id_of(exc) or 0, exc.code,
-                                               str(exc)))
-                        return
-                    if not self._route(msg, client):
-                        return
-                    # a client that sends faster than it reads is paused, not buffered for
-                    await client.wait_for_room()
-        except FrameTooLarge as exc:
-            log.warning("closing %s: %s", stream.peer, exc)
-            stream.send(ErrorReply(0, exc.code, str(exc)))
+            async for msg in stream.requests():
+                if not self._route(msg, client):
+                    return
+                await client.wait_for_room()
         except (NetworkError, OSError, ConnectionError):
             pass
         finally:
@@ -279,7 +265,7 @@ class _Client:
         self.room.set()
 
     async def wait_for_room(self) -> None:
+        """Hold the client's next request while it has too many awaiting a node."""
         while self.in_flight >= MAX_IN_FLIGHT:
             self.room.clear()
             await self.room.wait()
-        await self.stream.wait_writable()
