@@ -235,7 +235,7 @@ class Node:
             "role": self.role.name,
             "address": str(cfg.cluster[cfg.node_id]),
             "master": cfg.master,
-            "epoch": store.epoch if isinstance(self.role, SlaveRole) else self.role.core.epoch,
+            "epoch": store.epoch,
             "last_index": store.log.last_index,
             "applied_index": store.kv.applied,
             "durable_index": self.durability.durable,

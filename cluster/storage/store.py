@@ -159,12 +159,16 @@ class Store:
         log.warning("%s: the local snapshot is not a prefix of the master's log; discarding "
                     "local state to resynchronise", self.directory)
         self.snapshot_path.unlink(missing_ok=True)
-        self.wal.reset(1)
-        self.log.reset(0, 0, EpochHistory())
-        self.kv.data = {}
-        self.kv.applied = 0
-        self.snapshot_index = 0
+        self._start_from(SnapshotMeta(0, 0, ()), {})
         return removed
+
+    def _start_from(self, meta: SnapshotMeta, data: dict[str, Value]) -> None:
+        """All state is now ``data`` at ``meta.index``; the log continues after it."""
+        self.wal.reset(meta.index + 1)
+        self.log.reset(meta.index, meta.epoch, EpochHistory(meta.epochs))
+        self.kv.data = data
+        self.kv.applied = meta.index
+        self.snapshot_index = meta.index
 
     def _rebuild_kv(self) -> None:
         data: dict[str, Value] = {}
@@ -223,11 +227,7 @@ class Store:
         meta, data = read_snapshot(raw_path)
         os.replace(raw_path, self.snapshot_path)
         fsync_dir(self.directory)
-        self.wal.reset(meta.index + 1)
-        self.log.reset(meta.index, meta.epoch, EpochHistory(meta.epochs))
-        self.kv.data = data
-        self.kv.applied = meta.index
-        self.snapshot_index = meta.index
+        self._start_from(meta, data)
         log.info("installed the master's snapshot at index %d (%d keys)", meta.index, len(data))
         return meta
 
