@@ -101,7 +101,7 @@ class NodeConfig:
     listen: Address
     data_dir: Path
     cluster: dict[NodeId, Address]
-    master: NodeId
+    bootstrap_master: NodeId  # the master of a brand-new cluster (--master)
     fsync: FsyncPolicy = FsyncPolicy.ALWAYS
     limits: Limits = field(default_factory=Limits)
     heartbeat_interval: float = 0.1  # seconds between heartbeats on an idle link
@@ -117,9 +117,10 @@ class NodeConfig:
                 f"node id {self.node_id!r} is not in the cluster map "
                 f"({', '.join(self.cluster)})"
             )
-        if self.master not in self.cluster:
+        if self.bootstrap_master not in self.cluster:
             raise ConfigError(
-                f"master {self.master!r} is not in the cluster map ({', '.join(self.cluster)})"
+                f"master {self.bootstrap_master!r} is not in the cluster map "
+                f"({', '.join(self.cluster)})"
             )
         if not 0 < self.heartbeat_interval < self.peer_timeout:
             raise ConfigError("the heartbeat interval must be positive and below the peer timeout")
@@ -127,10 +128,6 @@ class NodeConfig:
             raise ConfigError("snapshot-every must be at least 1 entry")
         if not 1 <= self.batch_entries <= self.window_entries:
             raise ConfigError("batch size must be >= 1 and no larger than the window")
-
-    @property
-    def is_master(self) -> bool:
-        return self.node_id == self.master
 
     @property
     def majority(self) -> int:

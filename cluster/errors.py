@@ -28,6 +28,14 @@ class ProtocolError(ReplError):
     code = "protocol"
 
 
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow here."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow (a bug here)."""
+
+
 class FrameTooLarge(ProtocolError):
     code = "frame_too_large"
 
@@ -65,6 +73,10 @@ class NotMaster(RequestFailed):
     code = "not_master"
     retriable = True
 
+    def __init__(self, message: str, master: str | None = None) -> None:
+        super().__init__(message)
+        self.master = master  # the node this one believes is master, when it knows
+
 
 class Unavailable(RequestFailed):
     """No node that could serve the request is reachable."""
@@ -85,6 +97,13 @@ class Behind(RequestFailed):
 
     code = "behind"
     retriable = True
+
+
+class WriteLost(RequestFailed):
+    """A read token names a write that is not in the master's history: it was lost (the
+    master lost its unsynced tail, or a slave's copy was cut). Retrying cannot help."""
+
+    code = "write_lost"
 
 
 class StaleEpoch(RequestFailed):
@@ -124,6 +143,12 @@ class NetworkError(ReplError):
     retriable = True
 
 
+class ClusterError(ReplError):
+    """A local cluster (``replctl cluster up``) could not start or manage a process."""
+
+    code = "cluster"
+
+
 class CorruptLog(ReplError):
     """A damaged record in the middle of the write-ahead log or a damaged snapshot."""
 
@@ -143,6 +168,7 @@ _BY_CODE: dict[str, type[ReplError]] = {
         Unavailable,
         NoQuorum,
         Behind,
+        WriteLost,
         StaleEpoch,
         StorageFailure,
         RequestTimeout,

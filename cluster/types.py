@@ -45,3 +45,16 @@ class Acks(enum.Enum):
 class Consistency(enum.Enum):
     ANY = "any"  # any live slave within the router's lag bound
     STRONG = "strong"  # the master, after it confirms it still leads a majority
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Token:
+    """Where a write landed: the epoch and index of its log entry. A read given a token is
+    served only by a node whose log holds that very entry (read your writes); an index from
+    another history (a write lost in a failover) is refused, not silently matched."""
+
+    epoch: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.index}"

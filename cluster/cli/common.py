@@ -12,7 +12,7 @@ import click
 
 from cluster.config import Address, Limits, parse_cluster
 from cluster.errors import ReplError
-from cluster.types import NodeId, Value
+from cluster.types import NodeId, Token, Value
 
 T = TypeVar("T")
 
@@ -43,8 +43,31 @@ class ClusterType(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+class TokenType(click.ParamType):  # type: ignore[type-arg]
+    """A read token as ``write`` prints it, ``EPOCH:INDEX``; a bare ``INDEX`` matches an
+    entry of any epoch."""
+
+    name = "EPOCH:INDEX"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Token | int:
+        if isinstance(value, Token | int):
+            return value
+        epoch, sep, index = str(value).strip().rpartition(":")
+        try:
+            token = Token(int(epoch), int(index)) if sep else int(index)
+        except ValueError:
+            self.fail(f"{value!r} is not a read token: expected EPOCH:INDEX (as `write` "
+                      "prints it) or INDEX", param, ctx)
+        if (isinstance(token, Token) and (token.epoch < 0 or token.index < 0)) or \
+                (isinstance(token, int) and token < 0):
+            self.fail(f"{value!r}: epoch and index must be >= 0", param, ctx)
+        return token
+
+
 ADDRESS = AddressType()
 CLUSTER = ClusterType()
+TOKEN = TokenType()
 
 
 def limit_options(f: Any) -> Any:

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 import click
 
-from cluster.cli.common import ADDRESS, fail, run_async, setup_logging, show_value
+from cluster.cli.common import ADDRESS, TOKEN, fail, run_async, setup_logging, show_value
 from cluster.client import Client
 from cluster.config import Address
 from cluster.errors import ReplError
-from cluster.types import Acks, Value
+from cluster.types import Acks, Token, Value
 
 T = TypeVar("T")
 
@@ -73,18 +73,27 @@ ACKS = click.Choice([a.value for a in Acks])
 @click.pass_obj
 def write(ctx: Ctx, key: str, value: str, acks: str, as_json: bool) -> None:
     """Set KEY to VALUE."""
-    index = ctx.run(lambda c: c.set(key, value, Acks(acks)))
-    echo_json({"index": index}) if as_json else click.echo(f"OK index={index}")
+    token = ctx.run(lambda c: c.set(key, value, Acks(acks)))
+    echo_written(token, as_json)
+
+
+def echo_written(token: Token, as_json: bool) -> None:
+    """A write's outcome: where it landed, which is also its read token."""
+    if as_json:
+        echo_json({"index": token.index, "epoch": token.epoch, "token": str(token)})
+    else:
+        click.echo(f"OK index={token.index} epoch={token.epoch} token={token}")
 
 
 @main.command()
 @click.argument("key")
-@click.option("--min-index", type=click.IntRange(0), default=0,
-              help="Only from a node that has applied this index (read your writes).")
+@click.option("--min-index", type=TOKEN, default=0,
+              help="Read your writes: only from a node that holds the write with this token "
+                   "(EPOCH:INDEX, as `write` prints it; a bare INDEX matches any epoch).")
 @click.option("--strong", is_flag=True, help="From the master, after it confirms a majority.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def read(ctx: Ctx, key: str, min_index: int, strong: bool, as_json: bool) -> None:
+def read(ctx: Ctx, key: str, min_index: Token | int, strong: bool, as_json: bool) -> None:
     """Print the value of KEY (exit 1 when it does not exist)."""
     result = ctx.run(lambda c: c.get(key, min_index=min_index, strong=strong))
     if as_json:
@@ -105,16 +114,16 @@ def read(ctx: Ctx, key: str, min_index: int, strong: bool, as_json: bool) -> Non
 @click.pass_obj
 def delete(ctx: Ctx, key: str, acks: str, as_json: bool) -> None:
     """Delete KEY (a no-op entry when it does not exist)."""
-    index = ctx.run(lambda c: c.delete(key, Acks(acks)))
-    echo_json({"index": index}) if as_json else click.echo(f"OK index={index}")
+    token = ctx.run(lambda c: c.delete(key, Acks(acks)))
+    echo_written(token, as_json)
 
 
 @main.command()
-@click.option("--min-index", type=click.IntRange(0), default=0,
-              help="Only from a node that has applied this index.")
+@click.option("--min-index", type=TOKEN, default=0,
+              help="Only from a node that holds the write with this token (EPOCH:INDEX).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_obj
-def show(ctx: Ctx, min_index: int, as_json: bool) -> None:
+def show(ctx: Ctx, min_index: Token | int, as_json: bool) -> None:
     """Print every key and value, in key order."""
     async def collect(c: Client) -> list[tuple[str, Value]]:
         return [item async for item in c.items(min_index=min_index)]
@@ -242,20 +251,20 @@ class _ShellSession:
     has applied the session's last write, as a user at a prompt expects)."""
 
     def __init__(self) -> None:
-        self.last_index = 0
+        self.last_index: Token | int = 0
 
     async def run(self, client: Client, words: list[str]) -> str:
         cmd, args = words[0], words[1:]
         match cmd, args:
             case "write", [key, value]:
-                self.last_index = await client.set(key, value)
-                return f"OK index={self.last_index}"
+                self.last_index = token = await client.set(key, value)
+                return f"OK index={token.index} epoch={token.epoch} token={token}"
             case "read", [key]:
                 r = await client.get(key, min_index=self.last_index)
                 return show_value(r.value) if r.found else f"(not found: {key})"
             case "delete", [key]:
-                self.last_index = await client.delete(key)
-                return f"OK index={self.last_index}"
+                self.last_index = token = await client.delete(key)
+                return f"OK index={token.index} epoch={token.epoch} token={token}"
             case "show", []:
                 lines = [f"{k}  {show_value(v)}"
                          async for k, v in client.items(min_index=self.last_index)]

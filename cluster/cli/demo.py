@@ -17,7 +17,7 @@ from cluster.client import Client
 from cluster.config import Address
 from cluster.errors import ReplError
 from cluster.local import LocalCluster
-from cluster.types import NodeId, Value
+from cluster.types import NodeId, Token, Value
 
 SAMPLE = {
     "city:paris": "France", "city:berlin": "Germany", "city:madrid": "Spain",
@@ -93,10 +93,10 @@ async def _cluster(data_dir: Path | None, base_port: int, router: Address | None
 async def _script(d: Demo) -> None:
     c = d.client
     d.step(f"Load {len(SAMPLE)} sample keys through the router (writes go to the master)")
-    last = 0
+    last = Token(0, 0)
     for k, v in SAMPLE.items():
         last = await c.set(k, v)
-    d.say(f"wrote {len(SAMPLE)} keys; the last write is log entry {last}")
+    d.say(f"wrote {len(SAMPLE)} keys; the last write is log entry {last.index}")
 
     d.step("Read them back (reads go to a random live slave)")
     for k in list(SAMPLE)[:4]:
@@ -107,7 +107,8 @@ async def _script(d: Demo) -> None:
     d.step("Write and read your own write")
     ix = await c.set("greeting", "hello, replicated world")
     r = await c.get("greeting", min_index=ix)
-    d.say(f"wrote entry {ix}; read {r.value!r} from {r.node} (min_index={ix})")
+    d.say(f"wrote entry {ix.index} (epoch {ix.epoch}); read {r.value!r} from {r.node} "
+          f"(read token {ix})")
 
     local = d.local
     if local is None:
@@ -126,12 +127,13 @@ async def _script(d: Demo) -> None:
 
     d.step(f"Write 200 more entries while {victim} is down")
     idx = await asyncio.gather(*(c.set(f"event:{i:04d}", f"payload {i}") for i in range(200)))
-    last = max(idx)
-    d.say(f"entries {min(idx)}..{last} written and acknowledged by the master")
+    top = max(t.index for t in idx)
+    d.say(f"entries {min(t.index for t in idx)}..{top} written and acknowledged by the "
+          "master")
 
     d.step(f"Restart {victim}: it replays its own log, then asks the master for what it missed")
     await local.start_child(victim)
-    await d.until(f"{victim} has applied entry {last}", lambda: _applied(d, victim, last))
+    await d.until(f"{victim} has applied entry {top}", lambda: _applied(d, victim, top))
     st = await d.node_status(victim)
     d.say(f"{victim} asked the master for entries after {st['master_link']['last_sync_from']}"
           f" (its last entry before the crash was {before}) and now holds "
@@ -157,7 +159,7 @@ async def _script(d: Demo) -> None:
     d.say(f"event:0199 = {r.value!r} (strong read from the master at entry {r.index})")
     ix = await c.set("after-restart", "the master is back")
     await d.until("every slave has applied the new write",
-                  lambda: _all_applied(d, ix))
+                  lambda: _all_applied(d, ix.index))
     await _final_state(d, local)
 
 

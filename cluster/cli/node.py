@@ -57,7 +57,7 @@ def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId
     try:
         config = NodeConfig(
             node_id=NodeId(node_id), listen=listen, data_dir=data_dir, cluster=cluster_map,
-            master=NodeId(master), fsync=FsyncPolicy(fsync),
+            bootstrap_master=NodeId(master), fsync=FsyncPolicy(fsync),
             limits=limits_from(max_frame, max_key_size, max_value_size),
             heartbeat_interval=heartbeat_interval, peer_timeout=peer_timeout,
             snapshot_every=snapshot_every,

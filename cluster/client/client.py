@@ -1,8 +1,8 @@
 """The replkv client: talks to the router (or to one node) over one pipelined connection.
 
     async with await Client.connect(Address.parse("127.0.0.1:7000")) as kv:
-        index = await kv.set("k", "v")
-        result = await kv.get("k", min_index=index)   # read your own write
+        token = await kv.set("k", "v")                # Token(epoch, index)
+        result = await kv.get("k", min_index=token)   # read your own write
 
 Errors of the server are raised as the matching :mod:`cluster.errors` class.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from cluster.client.connection import Connection
 from cluster.config import Address, Limits
 from cluster.errors import error_for_code
-from cluster.types import Acks, Consistency, Value
+from cluster.types import Acks, Consistency, Token, Value
 from cluster.wire.messages import (
     Delete,
     ErrorReply,
@@ -70,29 +70,32 @@ class Client:
         assert isinstance(reply, Reply)
         return reply.fields
 
-    async def set(self, key: str, value: Value, acks: Acks = Acks.ASYNC) -> int:
-        """Store ``value``; returns the log index of the write."""
-        fields = await self._call(Set(self._id(), key, value, acks))
-        return int(fields["index"])
+    async def set(self, key: str, value: Value, acks: Acks = Acks.ASYNC) -> Token:
+        """Store ``value``; returns where the write landed, the read token for it."""
+        return _token(await self._call(Set(self._id(), key, value, acks)))
 
-    async def delete(self, key: str, acks: Acks = Acks.ASYNC) -> int:
-        fields = await self._call(Delete(self._id(), key, acks))
-        return int(fields["index"])
+    async def delete(self, key: str, acks: Acks = Acks.ASYNC) -> Token:
+        return _token(await self._call(Delete(self._id(), key, acks)))
 
-    async def get(self, key: str, *, min_index: int = 0, strong: bool = False) -> GetResult:
+    async def get(self, key: str, *, min_index: Token | int = 0, strong: bool = False
+                  ) -> GetResult:
+        """Read ``key``. With a :class:`Token` (or a bare index, any epoch) as ``min_index``,
+        only a node holding that write serves it."""
         consistency = Consistency.STRONG if strong else Consistency.ANY
-        f = await self._call(Get(self._id(), key, min_index, consistency))
+        epoch, index = _split(min_index)
+        f = await self._call(Get(self._id(), key, index, consistency, epoch))
         return GetResult(bool(f["found"]), f.get("value"), int(f["index"]), f.get("node"))
 
-    async def scan(self, after: str | None = None, limit: int = 1000, *, min_index: int = 0
-                   ) -> tuple[list[tuple[str, Value]], bool]:
-        f = await self._call(Scan(self._id(), after, limit, min_index))
+    async def scan(self, after: str | None = None, limit: int = 1000, *,
+                   min_index: Token | int = 0) -> tuple[list[tuple[str, Value]], bool]:
+        epoch, index = _split(min_index)
+        f = await self._call(Scan(self._id(), after, limit, index, epoch))
         return [(k, v) for k, v in f["items"]], bool(f["more"])
 
-    async def items(self, page: int = 1000, *, min_index: int = 0
+    async def items(self, page: int = 1000, *, min_index: Token | int = 0
                     ) -> AsyncIterator[tuple[str, Value]]:
         """Every key and value, in key order, a page at a time (each page from a node that
-        has applied ``min_index``)."""
+        holds the write ``min_index`` names)."""
         after: str | None = None
         while True:
             items, more = await self.scan(after, page, min_index=min_index)
@@ -107,3 +110,12 @@ class Client:
 
     async def ping(self) -> dict[str, Any]:
         return await self._call(Ping(self._id()))
+
+
+def _token(fields: dict[str, Any]) -> Token:
+    return Token(int(fields.get("epoch", 0)), int(fields["index"]))
+
+
+def _split(token: Token | int) -> tuple[int, int]:
+    """(epoch, index) of a read token; a bare index matches any epoch."""
+    return (token.epoch, token.index) if isinstance(token, Token) else (0, token)

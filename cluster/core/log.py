@@ -53,6 +53,14 @@ class Log:
             return self._entries[index - self._base - 1].epoch
         return self.history.epoch_at(index)
 
+    def holds(self, epoch: int, index: int) -> bool | None:
+        """Whether entry ``index`` of epoch ``epoch`` is in this log: True; False when it
+        never can be (another epoch holds that index, or a newer epoch began at or before
+        it); None when it may still arrive."""
+        if index <= self.last_index:
+            return self.epoch_at(index) == epoch
+        return None if self.last_epoch <= epoch else False
+
     def has(self, index: int) -> bool:
         """Whether entries from ``index`` on can be served from memory."""
         return index > self._base

@@ -7,18 +7,18 @@ import logging
 from collections.abc import Callable
 
 from cluster.config import FsyncPolicy
-from cluster.storage.store import Store
+from cluster.storage.base import LogStore
 
 log = logging.getLogger(__name__)
 
 
 class Durability:
-    def __init__(self, store: Store, policy: FsyncPolicy,
+    def __init__(self, store: LogStore, policy: FsyncPolicy, durable: int,
                  on_durable: Callable[[int], None]) -> None:
         self._store = store
         self._policy = policy
         self._on_durable = on_durable
-        self.written = store.log.last_index
+        self.written = durable
         self.durable = self.written
         self._dirty = asyncio.Event()
         self._generation = 0  # bumped when the log is cut: a sync begun before covers nothing

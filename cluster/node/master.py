@@ -5,26 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cluster.core.master import MasterCore
+from cluster.core.state import Ready, Replica, check_read
 from cluster.errors import (
     BadRequest,
     NetworkError,
-    NoQuorum,
-    NotMaster,
-    ProtocolError,
+    RemoteProtocolError,
     ReplError,
+    ShuttingDown,
     StaleEpoch,
     StorageFailure,
 )
 from cluster.net.stream import FramedStream
-from cluster.storage.records import RECORD_HEADER
-from cluster.storage.snapshot import MAGIC as SNAPSHOT_MAGIC
-from cluster.types import Acks, NodeId, Op
+from cluster.types import Consistency, NodeId, Op
 from cluster.wire import codec
 from cluster.wire.messages import (
     Ack,
@@ -55,84 +51,59 @@ class Link:
 class MasterRole:
     name = "master"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replica: Replica) -> None:
         self.node = node
         cfg = node.config
         self.core = MasterCore(
-            cfg.node_id, [n for n in cfg.cluster if n != cfg.node_id], node.store.epoch,
-            node.store.log, node.store.kv, majority=cfg.majority,
+            cfg.node_id, [n for n in cfg.cluster if n != cfg.node_id], replica,
+            majority=cfg.majority,
             peer_timeout_ms=int(cfg.peer_timeout * 1000),
             heartbeat_ms=int(cfg.heartbeat_interval * 1000),
             batch_entries=cfg.batch_entries, window_entries=cfg.window_entries,
             batch_bytes=cfg.limits.max_frame // 2,
         )
-        self.core.persisted(node.durability.durable)
-        # replies waiting, in index order: for the local fsync, then (acks=majority) for
-        # a majority of the cluster
-        self._local: deque[tuple[int, FramedStream, int, Acks]] = deque()
-        self._majority: deque[tuple[int, FramedStream, int]] = deque()
         self._links: dict[NodeId, Link] = {}
         self._chunk_size = min(1024 * 1024, cfg.limits.max_frame // 2)
 
+    def master_hint(self) -> str:
+        return self.node.config.node_id
+
+    def _deliver(self, ready: Ready) -> None:
+        """Send the replies a core released (after it persisted what they depend on)."""
+        for client, reply in ready.replies:
+            client.send(reply)
+
     # --- client writes -----------------------------------------------------------------------
 
-    def write(self, msg: Set | Delete, stream: FramedStream) -> ErrorReply | None:
+    def write(self, msg: Set | Delete, client: FramedStream) -> ErrorReply | None:
         """Append and apply now; the reply goes out once the acks level is met."""
-        now = self.node.now_ms()
-        if msg.acks is Acks.MAJORITY and not self.core.has_quorum(now):
-            return ErrorReply(msg.id, NoQuorum.code,
-                              "the master is not in contact with a majority of the cluster")
-        if isinstance(msg, Set):
-            entry = self.core.next_entry(Op.SET, msg.key, msg.value, now)
-        else:
-            entry = self.core.next_entry(Op.DELETE, msg.key, None, now)
+        value = msg.value if isinstance(msg, Set) else None
+        op = Op.SET if isinstance(msg, Set) else Op.DELETE
+        ready = self.core.propose(client, msg.id, op, msg.key, value, msg.acks,
+                                  self.node.now_ms(), self.node.wall_ms())
         try:
-            self.node.store.append([entry])
+            ready = self.node.carry_out(self.core, ready)
         except StorageFailure as exc:
-            log.error("write %d failed: %s", entry.index, exc)
-            return ErrorReply(msg.id, exc.code, str(exc))
-        self.core.accept(entry)
-        self._local.append((entry.index, stream, msg.id, msg.acks))
-        self.node.durability.wrote(entry.index)
+            log.error("write %d failed: %s", ready.entries[0].index, exc)
+            ready = self.core.failed(ready, exc)
+        self._deliver(ready)
         return None
 
     def on_durable(self, index: int) -> None:
-        self.core.persisted(index)
-        local = self._local
-        while local and local[0][0] <= index:
-            ix, stream, rid, acks = local.popleft()
-            if acks is Acks.ASYNC:
-                stream.send(Reply(rid, {"index": ix}))
-            else:
-                self._majority.append((ix, stream, rid))
-        self._release_majority()
+        self._deliver(self.core.persisted(index))
         for link in self._links.values():
             link.wake.set()
-        self.node.maybe_snapshot()
-
-    def _release_majority(self) -> None:
-        if not self._majority:
-            return
-        done = self.core.majority_index()
-        while self._majority and self._majority[0][0] <= done:
-            ix, stream, rid = self._majority.popleft()
-            stream.send(Reply(rid, {"index": ix}))
-
-    def _fail_majority_waiters(self) -> None:
-        while self._majority:
-            ix, stream, rid = self._majority.popleft()
-            stream.send(ErrorReply(
-                rid, NoQuorum.code,
-                f"entry {ix} is durable on the master but a majority could not be confirmed; "
-                "it may or may not survive a failover"))
+        self.node.maybe_snapshot(self.core.kv.applied)
 
     # --- reads -------------------------------------------------------------------------------
 
-    def confirm_strong(self) -> None:
+    def check_read(self, consistency: Consistency, min_epoch: int, min_index: int) -> None:
         """A strong read is served only while a majority is in contact (a lease of one peer
-        timeout)."""
-        if not self.core.has_quorum(self.node.now_ms()):
-            raise NoQuorum("the master is not in contact with a majority; strong reads are off")
+        timeout); a read token only when this log holds the write it names."""
+        core = self.core
+        if consistency is Consistency.STRONG:
+            core.confirm_strong(self.node.now_ms())
+        check_read(self.node.config.node_id, core.log, core.kv, min_epoch, min_index)
 
     # --- replication -------------------------------------------------------------------------
 
@@ -197,20 +168,15 @@ class MasterRole:
                 for payload in payloads:
                     msg = codec.decode(payload, limits)
                     if not isinstance(msg, Ack):
-                        raise ProtocolError(f"slave {link.node} sent {type(msg).__name__}")
-                    self.core.on_ack(link.node, msg.epoch, msg.index, self.node.now_ms())
-                self._release_majority()
+                        raise RemoteProtocolError(f"slave {link.node} sent {type(msg).__name__}")
+                    self._deliver(self.core.on_ack(link.node, msg.epoch, msg.index,
+                                                   self.node.now_ms()))
                 link.wake.set()
         raise NetworkError(f"slave {link.node} closed the connection")
 
     async def _send_snapshot(self, link: Link) -> None:
-        path = self.node.store.snapshot_path
-        with open(path, "rb") as f:  # an open file survives a newer snapshot's rename
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(len(SNAPSHOT_MAGIC) + RECORD_HEADER.size)
-            length, _ = RECORD_HEADER.unpack_from(head, len(SNAPSHOT_MAGIC))
-            index = int(codec.unpack_obj(f.read(length))["index"])
-            f.seek(0)
+        f, index, size = self.node.store.open_snapshot()
+        with f:
             log.info("sending snapshot at index %d (%d bytes) to %s", index, size, link.node)
             offset = 0
             while True:
@@ -229,24 +195,26 @@ class MasterRole:
         """Mark silent slaves down and fail majority writes when the quorum is gone."""
         while True:
             await asyncio.sleep(self.node.config.heartbeat_interval)
-            now = self.node.now_ms()
-            for node in self.core.expired(now):
+            ready = self.core.tick(self.node.now_ms())
+            for node in ready.close:
                 log.warning("slave %s silent for over %.1fs: marked down", node,
                             self.node.config.peer_timeout)
-                link = self._links.get(node)
+                link = self._links.get(NodeId(node))
                 if link is not None:
                     await link.stream.close()
-            if self._majority and not self.core.has_quorum(now):
-                self._fail_majority_waiters()
+            self._deliver(ready)
+
+    async def aclose(self) -> None:
+        """Fail every waiting writer (the role is over) and close the replication links."""
+        self._deliver(self.core.close(ErrorReply(
+            0, ShuttingDown.code,
+            "the master stepped down or is shutting down before the write was confirmed; "
+            "it may or may not have been applied")))
+        for link in list(self._links.values()):
+            await link.stream.close()
 
     def status(self) -> dict[str, Any]:
-        now = self.node.now_ms()
-        return {"commit_index": self.core.majority_index(),
-                "quorum": self.core.has_quorum(now),
-                "slaves": self.core.status(now)}
+        return self.core.status(self.node.now_ms(), self.node.wall_ms())
 
 
-def not_master(rid: int, master: str) -> ErrorReply:
-    return ErrorReply(rid, NotMaster.code, f"this node is a slave; writes go to {master}",
-                      master)
 

@@ -1,4 +1,8 @@
-"""One data node: recover the store, take the role, serve clients and replication."""
+"""One data node: recover the store, take a role, serve clients and replication.
+
+The node is the asyncio shell around a role's pure core: it persists what the core's
+``Ready`` says (:meth:`Node.carry_out`), then the role sends and replies. The role can be
+swapped at run time (:meth:`Node.become`)."""
 
 from __future__ import annotations
 
@@ -8,22 +12,23 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cluster.config import Address, NodeConfig
+from cluster.core.kv import KV
+from cluster.core.log import Log
+from cluster.core.state import Ready, Replica, SnapshotMeta
 from cluster.errors import (
     BadRequest,
-    Behind,
     InternalError,
     NetworkError,
-    NoQuorum,
+    RequestFailed,
     ShuttingDown,
     StorageFailure,
 )
 from cluster.net.stream import FramedStream
 from cluster.node.durability import Durability
-from cluster.node.master import MasterRole, not_master
-from cluster.node.slave import SlaveRole
+from cluster.storage.base import carry_out
 from cluster.storage.store import Store
 from cluster.types import Consistency
 from cluster.wire.messages import (
@@ -41,7 +46,53 @@ from cluster.wire.messages import (
 
 log = logging.getLogger(__name__)
 
-Role = MasterRole | SlaveRole
+
+class Core(Protocol):
+    """What the node needs of either role's core."""
+
+    @property
+    def log(self) -> Log: ...
+    @property
+    def kv(self) -> KV: ...
+    @property
+    def durable(self) -> int: ...
+
+    def snapshot_point(self) -> tuple[SnapshotMeta, dict[str, Any]]: ...
+    def advance(self, ready: Ready, snapshot_data: dict[str, Any] | None = None) -> Ready: ...
+    def handover(self) -> Replica: ...
+    def compacted(self, snapshot_index: int, drop_through: int) -> None: ...
+
+
+class Role(Protocol):
+    """A node's behaviour while it is master or slave."""
+
+    name: str
+
+    @property
+    def core(self) -> Core: ...
+
+    async def run(self) -> None:
+        """The role's own loop (replication to or from the master, its timers)."""
+
+    async def aclose(self) -> None:
+        """The role ends: fail its waiting clients, close its replication links."""
+
+    def write(self, msg: Set | Delete, client: FramedStream) -> Reply | ErrorReply | None:
+        """A client write: the reply now, or None when it comes later."""
+
+    async def replicate(self, stream: FramedStream, msg: Sync) -> None:
+        """A slave asks for the log on ``stream``: serve it until the link ends."""
+
+    def check_read(self, consistency: Consistency, min_epoch: int, min_index: int) -> None:
+        """Raise a :class:`~cluster.errors.RequestFailed` when this node may not serve the
+        read."""
+
+    def on_durable(self, index: int) -> None: ...
+
+    def master_hint(self) -> str:
+        """The node this one believes is master."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class Node:
@@ -57,9 +108,17 @@ class Node:
         self.store: Store
         self.durability: Durability
         self.role: Role
+        self._tg: asyncio.TaskGroup
+        self._role_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def now_ms() -> int:
+        """Milliseconds of a monotonic clock: for timeouts and leases."""
+        return int(time.monotonic() * 1000)
+
+    @staticmethod
+    def wall_ms() -> int:
+        """Wall-clock milliseconds: stamped on entries, for lag reports."""
         return int(time.time() * 1000)
 
     def stop(self) -> None:
@@ -67,24 +126,31 @@ class Node:
 
     async def run(self, on_ready: Callable[[Address], None] = lambda a: None) -> None:
         cfg = self.config
-        self.store = await asyncio.to_thread(Store.open, cfg.data_dir, cfg.node_id)
+        self.store, recovered = await asyncio.to_thread(Store.open, cfg.data_dir, cfg.node_id)
         try:
-            await self._serve(on_ready)
+            await self._serve(Replica.recovered(recovered), on_ready)
         finally:
             self.store.close()
 
-    async def _serve(self, on_ready: Callable[[Address], None]) -> None:
+    def _first_role(self, replica: Replica) -> Role:
+        from cluster.node.master import MasterRole
+        from cluster.node.slave import SlaveRole
+
         cfg = self.config
-        if cfg.is_master:
-            epoch = self.store.epoch + 1
-            self.store.set_epoch(epoch)
-            log.info("%s starts as master in epoch %d at index %d", cfg.node_id, epoch,
-                     self.store.log.last_index)
-        else:
-            log.info("%s starts as slave of %s at index %d (epoch %d)", cfg.node_id,
-                     cfg.master, self.store.log.last_index, self.store.epoch)
-        self.durability = Durability(self.store, cfg.fsync, self._on_durable)
-        self.role = MasterRole(self) if cfg.is_master else SlaveRole(self)
+        if cfg.node_id == cfg.bootstrap_master:
+            replica.epoch += 1
+            self.store.set_epoch(replica.epoch)
+            log.info("%s starts as master in epoch %d at index %d", cfg.node_id,
+                     replica.epoch, replica.log.last_index)
+            return MasterRole(self, replica)
+        log.info("%s starts as slave of %s at index %d (epoch %d)", cfg.node_id,
+                 cfg.bootstrap_master, replica.log.last_index, replica.epoch)
+        return SlaveRole(self, replica, cfg.bootstrap_master)
+
+    async def _serve(self, replica: Replica, on_ready: Callable[[Address], None]) -> None:
+        cfg = self.config
+        self.durability = Durability(self.store, cfg.fsync, replica.durable, self._on_durable)
+        self.role = self._first_role(replica)
         server = await asyncio.start_server(self._handle, cfg.listen.host, cfg.listen.port,
                                             limit=256 * 1024, reuse_address=True)
         sock = server.sockets[0].getsockname()
@@ -96,16 +162,18 @@ class Node:
         on_ready(self.address)
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 durability = tg.create_task(self.durability.run(), name="durability")
-                role = tg.create_task(self.role.run(), name="role")
+                self._role_task = tg.create_task(self.role.run(), name="role")
                 await self._stop.wait()
                 log.info("%s shutting down", cfg.node_id)
                 server.close()
                 self._draining = True
-                role.cancel()
+                self._role_task.cancel()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await self.durability.flush()
+                await self.role.aclose()
                 durability.cancel()
                 if self._snapshot_task is not None:
                     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -117,14 +185,35 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()
 
-    # --- durability and snapshots -------------------------------------------------------------
+    async def become(self, make: Callable[[Replica], Role]) -> None:
+        """Swap the role: the old one ends (its waiters fail, its links close) and hands its
+        state to the new one, which starts its loop."""
+        old, task = self.role, self._role_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await old.aclose()
+        self.role = make(old.core.handover())
+        log.info("%s is now %s", self.config.node_id, self.role.name)
+        self._role_task = self._tg.create_task(self.role.run(), name="role")
+
+    # --- carrying out a core's decisions ------------------------------------------------------
+
+    def carry_out(self, core: Core, ready: Ready) -> Ready:
+        """Persist what ``ready`` says and advance ``core`` (see
+        :func:`~cluster.storage.base.carry_out`); the role then sends and replies."""
+        return carry_out(self.store, core, ready, wrote=self.durability.wrote,
+                         reset=self.durability.reset)
 
     def _on_durable(self, index: int) -> None:
         self.role.on_durable(index)
 
-    def maybe_snapshot(self) -> None:
-        if self.store.snapshot_due(self.config.snapshot_every) and not self._draining:
-            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot())
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def maybe_snapshot(self, applied: int) -> None:
+        if self.store.snapshot_due(applied, self.config.snapshot_every) and not self._draining:
+            self._snapshot_task = self._tg.create_task(self._snapshot(), name="snapshot")
 
     async def settle_snapshot(self) -> None:
         """Wait for a snapshot being written, before replacing or cutting the log."""
@@ -136,10 +225,12 @@ class Node:
         """Write a snapshot in a worker thread. A failure (a full disk, say) is logged and
         the next write tries again; the log keeps growing meanwhile and loses nothing."""
         store = self.store
+        core = self.role.core
+        meta, data = core.snapshot_point()
         try:
-            job = store.begin_snapshot()
+            job = store.begin_snapshot(meta, data)
         except (StorageFailure, OSError) as exc:
-            log.error("could not start a snapshot at index %d: %s", store.kv.applied, exc)
+            log.error("could not start a snapshot at index %d: %s", meta.index, exc)
             return
         try:
             await asyncio.to_thread(store.write_snapshot, job)
@@ -148,8 +239,9 @@ class Node:
             log.error("snapshot at index %d failed: %s; will retry", job.meta.index, exc)
             return
         store.finish_snapshot(job)
+        self.role.core.compacted(job.meta.index, job.drop_through)
 
-    # --- client connections ------------------------------------------------------------------
+    # --- client connections -------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = FramedStream(reader, writer, self.config.limits)
@@ -165,10 +257,7 @@ class Node:
     async def _serve_stream(self, stream: FramedStream) -> None:
         async for msg in stream.requests():
             if isinstance(msg, Sync):
-                if isinstance(self.role, MasterRole):
-                    await self.role.replicate(stream, msg)
-                else:
-                    stream.send(not_master(msg.id, self.config.master))
+                await self.role.replicate(stream, msg)
                 return
             reply = self.dispatch(msg, stream)
             if reply is not None:
@@ -178,6 +267,7 @@ class Node:
 
     def dispatch(self, msg: Message, stream: FramedStream) -> Reply | ErrorReply | None:
         """Answer one request, or return None when the reply will be sent later."""
+        rid = getattr(msg, "id", 0)
         try:
             match msg:
                 case Get():
@@ -185,35 +275,28 @@ class Node:
                 case Set() | Delete():
                     if self._draining:
                         raise ShuttingDown("the node is shutting down")
-                    if isinstance(self.role, MasterRole):
-                        return self.role.write(msg, stream)
-                    return not_master(msg.id, self.config.master)
-                case Scan(id=rid, after=after, limit=limit, min_index=min_index):
-                    self._check_applied(min_index)
-                    items, more = self.store.kv.scan(after, limit,
-                                                     self.config.limits.max_frame // 2)
+                    return self.role.write(msg, stream)
+                case Scan(after=after, limit=limit):
+                    self.role.check_read(Consistency.ANY, msg.min_epoch, msg.min_index)
+                    kv = self.role.core.kv
+                    items, more = kv.scan(after, limit, self.config.limits.max_frame // 2)
                     return Reply(rid, {"items": [list(i) for i in items], "more": more,
-                                       "index": self.store.kv.applied,
-                                       "node": self.config.node_id})
-                case Status(id=rid):
+                                       "index": kv.applied, "node": self.config.node_id})
+                case Status():
                     return Reply(rid, self.status())
-                case Ping(id=rid):
+                case Ping():
                     return Reply(rid, {"node": self.config.node_id, "role": self.role.name})
-            return ErrorReply(getattr(msg, "id", 0), BadRequest.code,
+            return ErrorReply(rid, BadRequest.code,
                               f"{type(msg).__name__} is not a request a node serves")
-        except (Behind, NoQuorum, ShuttingDown) as exc:
-            return ErrorReply(msg.id, exc.code, str(exc))  # type: ignore[union-attr]
+        except RequestFailed as exc:
+            return ErrorReply(rid, exc.code, str(exc), getattr(exc, "master", None))
         except Exception as exc:  # a bug must not take the node down for everyone
             log.exception("internal error serving %r", msg)
-            return ErrorReply(getattr(msg, "id", 0), InternalError.code, str(exc))
+            return ErrorReply(rid, InternalError.code, str(exc) or type(exc).__name__)
 
-    def _get(self, msg: Get) -> Reply | ErrorReply:
-        kv = self.store.kv
-        if msg.consistency is Consistency.STRONG:
-            if not isinstance(self.role, MasterRole):
-                return not_master(msg.id, self.config.master)
-            self.role.confirm_strong()
-        self._check_applied(msg.min_index)
+    def _get(self, msg: Get) -> Reply:
+        self.role.check_read(msg.consistency, msg.min_epoch, msg.min_index)
+        kv = self.role.core.kv
         value = kv.get(msg.key)
         fields: dict[str, Any] = {"found": value is not None, "index": kv.applied,
                                   "node": self.config.node_id}
@@ -221,29 +304,27 @@ class Node:
             fields["value"] = value
         return Reply(msg.id, fields)
 
-    def _check_applied(self, min_index: int) -> None:
-        applied = self.store.kv.applied
-        if applied < min_index:
-            raise Behind(f"{self.config.node_id} has applied {applied}, "
-                         f"the read needs {min_index}")
-
     def status(self) -> dict[str, Any]:
         cfg = self.config
         store = self.store
+        core = self.role.core
+        log_ = self.role.core.log
         out: dict[str, Any] = {
             "node": cfg.node_id,
             "role": self.role.name,
             "address": str(cfg.cluster[cfg.node_id]),
-            "master": cfg.master,
+            "master": self.role.master_hint(),
             "epoch": store.epoch,
-            "last_index": store.log.last_index,
-            "applied_index": store.kv.applied,
-            "durable_index": self.durability.durable,
+            "last_index": log_.last_index,
+            "last_epoch": log_.last_epoch,
+            "applied_index": self.role.core.kv.applied,
+            "durable_index": core.durable,
             "snapshot_index": store.snapshot_index,
-            "log_first_index": store.log.base + 1,
-            "keys": len(store.kv.data),
+            "log_first_index": log_.base + 1,
+            "keys": len(self.role.core.kv.data),
             "fsync": cfg.fsync.value,
-            "time_ms": self.now_ms(),
+            "time_ms": self.wall_ms(),
         }
         out.update(self.role.status())
         return out
+

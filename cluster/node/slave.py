@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.core.slave import SlaveCore
+from cluster.core.state import Ready, Replica, check_read
 from cluster.errors import (
+    Behind,
     CorruptLog,
     NetworkError,
-    ProtocolError,
+    NotMaster,
+    RemoteProtocolError,
     ReplError,
     StaleEpoch,
     StorageFailure,
@@ -21,8 +24,9 @@ from cluster.errors import (
 from cluster.net.stream import FramedStream
 from cluster.node.stats import DelayStats
 from cluster.storage.records import write_all
+from cluster.types import Consistency, NodeId
 from cluster.wire import codec
-from cluster.wire.messages import Append, ErrorReply, Reply, SnapshotChunk
+from cluster.wire.messages import Append, Delete, ErrorReply, Reply, Set, SnapshotChunk, Sync
 
 if TYPE_CHECKING:
     from cluster.node.runtime import Node
@@ -39,23 +43,44 @@ class Resync(Exception):
 class SlaveRole:
     name = "slave"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replica: Replica, master: NodeId) -> None:
         self.node = node
-        self.core = SlaveCore(node.config.node_id, node.store.epoch, node.store.log,
-                              node.store.kv)
-        self.core.persisted(node.durability.durable)
-        self.master = node.config.master
+        self.core = SlaveCore(node.config.node_id, replica)
+        self.master = master
         self.delays = DelayStats()
         self._link: FramedStream | None = None
-        self.last_contact_ms = 0
-        self.syncs = 0  # handshakes completed, for status and tests
-        self.last_sync_from = -1  # the last index this node had when it last asked
-        self._progressed = False  # this session stored entries, installed or heartbeated
+        self.last_contact_ms = 0  # monotonic
         self._receiving: _SnapshotFile | None = None  # a snapshot arriving from the master
+
+    def master_hint(self) -> str:
+        return self.master
 
     @property
     def connected(self) -> bool:
         return self._link is not None
+
+    # --- what a slave refuses ----------------------------------------------------------------
+
+    def write(self, msg: Set | Delete, client: FramedStream) -> ErrorReply:
+        return not_master(msg.id, self.master)
+
+    async def replicate(self, stream: FramedStream, msg: Sync) -> None:
+        stream.send(not_master(msg.id, self.master))
+
+    def check_read(self, consistency: Consistency, min_epoch: int, min_index: int) -> None:
+        """Strong reads go to the master. A read token is served only while this node is in
+        sync with the master: until the handshake, its log may hold entries the master
+        no longer has."""
+        core = self.core
+        if consistency is Consistency.STRONG:
+            raise NotMaster(f"this node is a slave; strong reads go to {self.master}",
+                            self.master)
+        if min_index > 0 and not core.in_sync:
+            raise Behind(f"{self.node.config.node_id} is not in sync with a master, so it "
+                         f"cannot vouch for entry {min_index}")
+        check_read(self.node.config.node_id, core.log, core.kv, min_epoch, min_index)
+
+    # --- replication -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Keep a replication session with the master. After a session that made progress
@@ -64,7 +89,6 @@ class SlaveRole:
         backoff = 0.0
         addr = self.node.config.cluster[self.master]
         while True:
-            self._progressed = False
             try:
                 await self._session(addr)
             except Resync:
@@ -78,66 +102,64 @@ class SlaveRole:
             except (ReplError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning("replication from %s interrupted: %s", self.master,
                             exc or type(exc).__name__)
-            finally:
-                self._link = None
-            if self._progressed:
+            if self.core.progressed:
                 backoff = 0.0
                 continue
             backoff = min(MAX_BACKOFF, max(0.02, backoff * 2))
             await asyncio.sleep(backoff)
 
+    async def aclose(self) -> None:
+        if self._link is not None:
+            await self._link.close()
+
+    def _carry_out(self, ready: Ready) -> Ready:
+        """Persist, advance, then send: nothing is acknowledged before it is stored."""
+        ready = self.node.carry_out(self.core, ready)
+        if self._link is not None:
+            for msg in ready.messages:
+                self._link.send(msg)
+        return ready
+
     async def _session(self, addr: Any) -> None:
         cfg = self.node.config
-        store = self.node.store
+        core = self.core
         stream = await FramedStream.connect(addr, cfg.limits, cfg.peer_timeout)
         try:
-            self.last_sync_from = store.log.last_index
-            stream.send(self.core.sync_request(1))
+            stream.send(core.connect(1))
             async with asyncio.timeout(cfg.peer_timeout * 2):
                 reply = await stream.read_message()
             if isinstance(reply, ErrorReply):
                 raise error_for_code(reply.code, reply.message)
             if not isinstance(reply, Reply):
-                raise ProtocolError(f"master answered sync with {type(reply).__name__}")
+                raise RemoteProtocolError(f"master answered sync with {type(reply).__name__}")
             try:
                 epoch, match = int(reply.fields["epoch"]), int(reply.fields["match"])
+                snapshot = bool(reply.fields.get("snapshot"))
             except (KeyError, TypeError, ValueError) as exc:
-                raise ProtocolError(f"malformed sync reply from the master: {exc!r}") from exc
+                raise RemoteProtocolError(f"malformed sync reply from the master: {exc!r}") \
+                    from exc
             await self.node.settle_snapshot()
-            self._adopt_epoch(epoch)
-            if match < store.log.last_index:
-                wiped = match < store.snapshot_index
-                store.truncate_after(match)
-                self.node.durability.reset(store.log.last_index)
-                self.core.durable = store.log.last_index
-                if wiped:
-                    raise Resync()
-            self.syncs += 1
+            self._link = stream
+            ready = self._carry_out(core.on_sync_reply(epoch, match, snapshot))
+            if ready.resync:
+                raise Resync()
             log.info("syncing from master %s after index %d (epoch %d)", self.master, match,
                      epoch)
-            self._link = stream
-            if not reply.fields.get("snapshot"):
-                self._send_ack()
             await self._stream_loop(stream)
         finally:
+            self._link = None
+            core.disconnected()
             if self._receiving is not None:
                 self._receiving.discard()
                 self._receiving = None
             await stream.close()
-
-    def _adopt_epoch(self, epoch: int) -> None:
-        """Refuse an older master; durably record a newer epoch before acting in it."""
-        if epoch > self.core.epoch:
-            self.node.store.set_epoch(epoch)
-        self.core.check_epoch(epoch)
 
     async def _stream_loop(self, stream: FramedStream) -> None:
         """Apply what the master streams: appends, and a snapshot when it sends one (right
         after the handshake, or later when this slave fell behind a compaction)."""
         loop = asyncio.get_running_loop()
         cfg = self.node.config
-        store = self.node.store
-        receiving: _SnapshotFile | None = None
+        core = self.core
         async with asyncio.timeout(loop.time() + cfg.peer_timeout) as deadline:
             async for payloads in stream.read_payloads():
                 deadline.reschedule(loop.time() + cfg.peer_timeout)
@@ -145,35 +167,24 @@ class SlaveRole:
                 for payload in payloads:
                     msg = codec.decode(payload, cfg.limits)
                     if isinstance(msg, SnapshotChunk):
-                        self._adopt_epoch(msg.epoch)
-                        if receiving is None:
-                            receiving = self._receiving = _SnapshotFile(
-                                store.directory / "snapshot.recv")
-                        if await receiving.add(msg):
+                        self._carry_out(core.on_chunk(msg.epoch, msg.done))
+                        if self._receiving is None:
+                            self._receiving = _SnapshotFile(
+                                self.node.store.directory / "snapshot.recv")
+                        if await self._receiving.add(msg):
                             deadline.reschedule(None)  # a big install may outlast a timeout
-                            await self._install(receiving, msg.index)
-                            self._progressed = True
-                            receiving = self._receiving = None
+                            await self._install(self._receiving, msg.index)
+                            self._receiving = None
                             deadline.reschedule(loop.time() + cfg.peer_timeout)
-                        else:
-                            self._send_ack()  # keeps the master's side of the link alive
                         continue
-                    if not isinstance(msg, Append) or receiving is not None:
-                        raise ProtocolError(f"master sent {type(msg).__name__} out of turn")
-                    self._adopt_epoch(msg.epoch)
-                    entries = self.core.on_append(msg)
-                    if not entries:
-                        if self.core.durable >= self.core.master_commit:
-                            self._progressed = True  # caught up: a healthy, idle session
-                        self._send_ack()
-                        continue
-                    store.append(entries)
-                    self._progressed = True
-                    self.core.accept(entries)
-                    now = self.node.now_ms()
-                    for e in entries:
-                        self.delays.add(now - e.ts)
-                    self.node.durability.wrote(entries[-1].index)
+                    if not isinstance(msg, Append):
+                        raise RemoteProtocolError(
+                            f"master sent {type(msg).__name__} on the replication link")
+                    ready = self._carry_out(core.on_append(msg))
+                    if ready.entries:
+                        wall = self.node.wall_ms()
+                        for e in ready.entries:
+                            self.delays.add(wall - e.ts)
         raise NetworkError(f"master {self.master} closed the connection")
 
     async def _install(self, received: _SnapshotFile, index: int) -> None:
@@ -181,37 +192,36 @@ class SlaveRole:
         store = self.node.store
         store.snapshotting = True  # no local snapshot may read the map while it is replaced
         try:
-            meta = await asyncio.to_thread(store.install_snapshot, received.path)
+            rec = await asyncio.to_thread(store.install_snapshot, received.path)
         finally:
             store.snapshotting = False
-        if meta.index != index:
-            raise ProtocolError(f"snapshot claims index {index} but holds {meta.index}")
-        self.node.durability.reset(meta.index)
-        self.core.durable = meta.index
-        self._send_ack()
-
-    def _send_ack(self) -> None:
-        if self._link is not None:
-            self._link.send(self.core.ack())
+        ready = self.core.snapshot_installed(index, rec)
+        self.node.durability.reset(self.core.durable)
+        self._carry_out(ready)
 
     def on_durable(self, index: int) -> None:
-        self.core.persisted(index)
-        self._send_ack()
-        self.node.maybe_snapshot()
+        self._carry_out(self.core.persisted(index))
+        self.node.maybe_snapshot(self.core.kv.applied)
 
     def status(self) -> dict[str, Any]:
         now = self.node.now_ms()
+        core = self.core
         return {
             "master_link": {
                 "up": self.connected,
+                "state": core.state.value,
                 "last_contact_ms": now - self.last_contact_ms if self.last_contact_ms else None,
-                "syncs": self.syncs,
-                "last_sync_from": self.last_sync_from,
+                "syncs": core.syncs,
+                "last_sync_from": core.last_sync_from,
             },
-            "master_commit": self.core.master_commit,
+            "master_commit": core.master_commit,
             "repl_delay_ms": self.delays.summary(),
         }
 
+
+def not_master(rid: int, master: str) -> ErrorReply:
+    return ErrorReply(rid, NotMaster.code, f"this node is a slave; writes go to {master}",
+                      master)
 
 
 class _SnapshotFile:
@@ -226,7 +236,8 @@ class _SnapshotFile:
         """Write one chunk; True when the snapshot is complete and synced."""
         try:
             if chunk.offset != self._offset:
-                raise ProtocolError(f"snapshot chunk at {chunk.offset}, expected {self._offset}")
+                raise RemoteProtocolError(f"snapshot chunk at {chunk.offset}, "
+                                          f"expected {self._offset}")
             await asyncio.to_thread(write_all, self._fd, chunk.data)
             self._offset += len(chunk.data)
             if chunk.done:

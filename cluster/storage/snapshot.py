@@ -8,12 +8,18 @@ count}``, item records (each an array ``[key, value, key, value, ...]``), and an
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from cluster.core.state import SnapshotMeta
 from cluster.errors import BadFrame, CorruptLog
-from cluster.storage.records import Damage, encode_record, iter_records, write_atomic
+from cluster.storage.records import (
+    RECORD_HEADER,
+    Damage,
+    encode_record,
+    iter_records,
+    write_atomic,
+)
 from cluster.types import Value
 from cluster.wire import codec
 
@@ -21,11 +27,8 @@ MAGIC = b"RKVSNAP1"
 ITEMS_PER_RECORD = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotMeta:
-    index: int  # the last log index included
-    epoch: int  # the epoch of that entry
-    epochs: tuple[tuple[int, int], ...]  # epoch history up to ``index``
+__all__ = ["MAGIC", "SnapshotMeta", "parse_snapshot", "read_index", "read_snapshot",
+           "write_snapshot"]
 
 
 def _chunks(meta: SnapshotMeta, data: dict[str, Value]) -> Iterator[bytes]:
@@ -55,6 +58,20 @@ def read_snapshot(path: Path) -> tuple[SnapshotMeta, dict[str, Value]]:
     """Load and verify a snapshot; :class:`CorruptLog` if any part is damaged."""
     raw = path.read_bytes()
     return parse_snapshot(raw, str(path))
+
+
+def read_index(f: IO[bytes]) -> int:
+    """The log index a snapshot file covers, from its header (the file is left at 0)."""
+    head = f.read(len(MAGIC) + RECORD_HEADER.size)
+    if not head.startswith(MAGIC) or len(head) < len(MAGIC) + RECORD_HEADER.size:
+        raise CorruptLog(f"snapshot {getattr(f, 'name', '?')} has no valid header")
+    length, _ = RECORD_HEADER.unpack_from(head, len(MAGIC))
+    try:
+        index = int(codec.unpack_obj(f.read(length))["index"])
+    except (BadFrame, KeyError, TypeError, ValueError) as exc:
+        raise CorruptLog(f"snapshot {getattr(f, 'name', '?')} has a damaged header") from exc
+    f.seek(0)
+    return index
 
 
 def parse_snapshot(raw: bytes, name: str) -> tuple[SnapshotMeta, dict[str, Value]]:

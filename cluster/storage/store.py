@@ -1,8 +1,9 @@
 """A node's data directory: metadata, snapshot, write-ahead log and rollback files.
 
-``Store.open`` recovers the in-memory :class:`~cluster.core.log.Log` and
-:class:`~cluster.core.kv.KV`; afterwards the runtime appends through the store and decides
-when to sync and when to snapshot.
+``Store.open`` returns what it recovered as a :class:`~cluster.core.state.Recovered`; the
+cores build their log and map from it and own them from then on. Afterwards the store only
+carries out what a core's :class:`~cluster.core.state.Ready` says (see
+:func:`cluster.storage.base.persist`), and writes snapshots of the state it is handed.
 
 Layout::
 
@@ -18,16 +19,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from cluster.core.history import EpochHistory
-from cluster.core.kv import KV
-from cluster.core.log import Log
+from cluster.core.state import NO_SNAPSHOT, Recovered, SnapshotMeta
 from cluster.errors import BadFrame, ConfigError, CorruptLog
+from cluster.storage.base import SnapshotJob
 from cluster.storage.records import Damage, encode_record, fsync_dir, iter_records, write_atomic
-from cluster.storage.snapshot import SnapshotMeta, read_snapshot, write_snapshot
+from cluster.storage.snapshot import read_index, read_snapshot, write_snapshot
 from cluster.storage.wal import MAGIC as WAL_MAGIC
 from cluster.storage.wal import WAL, encode_entries
 from cluster.types import Entry, Value
@@ -36,25 +35,16 @@ from cluster.wire import codec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotJob:
-    """A snapshot to write in a worker thread: a copy of the map at ``meta.index``."""
-
-    meta: SnapshotMeta
-    data: dict[str, Value]
-    drop_through: int  # log entries up to here may go once the snapshot is on disk
-
-
 class Store:
+    """The files of one node's data directory, a :class:`~cluster.storage.base.LogStore`."""
+
     def __init__(self, directory: Path, node: str, lock_fd: int, epoch: int, wal: WAL,
-                 log_: Log, kv: KV, snapshot_index: int) -> None:
+                 snapshot_index: int) -> None:
         self.directory = directory
         self.node = node
         self._lock_fd = lock_fd
         self.epoch = epoch
         self.wal = wal
-        self.log = log_
-        self.kv = kv
         self.snapshot_index = snapshot_index
         self.snapshotting = False  # a snapshot is being written or installed: no other starts
 
@@ -63,7 +53,7 @@ class Store:
         return self.directory / "snapshot"
 
     @classmethod
-    def open(cls, directory: Path, node: str) -> Store:
+    def open(cls, directory: Path, node: str) -> tuple[Store, Recovered]:
         directory.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -79,7 +69,7 @@ class Store:
             raise
 
     @classmethod
-    def _recover(cls, directory: Path, node: str, lock_fd: int) -> Store:
+    def _recover(cls, directory: Path, node: str, lock_fd: int) -> tuple[Store, Recovered]:
         epoch = 0
         meta_path = directory / "meta"
         if meta_path.exists():
@@ -88,38 +78,26 @@ class Store:
                 raise ConfigError(f"data directory {directory} belongs to node "
                                   f"{meta.get('node')!r}, not {node!r}")
             epoch = meta["epoch"]
-        snap_index, snap_epoch, history = 0, 0, EpochHistory()
-        data: dict[str, Value] = {}
+        snap, data = NO_SNAPSHOT, dict[str, Value]()
         if (directory / "snapshot").exists():
-            smeta, data = read_snapshot(directory / "snapshot")
-            snap_index, snap_epoch = smeta.index, smeta.epoch
-            history = EpochHistory(smeta.epochs)
-        wal, entries = WAL.open(directory / "wal", after=snap_index)
-        if entries and entries[-1].index < snap_index:
+            snap, data = read_snapshot(directory / "snapshot")
+        wal, entries = WAL.open(directory / "wal", after=snap.index)
+        if entries and entries[-1].index < snap.index:
             # a crash while installing a snapshot from the master: it is in place, the old
             # log (all of it older) was not yet replaced
             log.warning("%s: the log ends at %d, before the snapshot at %d; starting the "
-                        "log after the snapshot", directory, entries[-1].index, snap_index)
-            wal.reset(snap_index + 1)
+                        "log after the snapshot", directory, entries[-1].index, snap.index)
+            wal.reset(snap.index + 1)
             entries = []
-        base = entries[0].index - 1 if entries else snap_index
-        base_epoch = snap_epoch if base == snap_index else entries[0].epoch
-        if base < snap_index:
-            history.truncate_after(base)
-            base_epoch = history.epoch_at(base)
-        mem = Log(base, base_epoch, history)
-        kv = KV(data, snap_index)
-        for e in entries:
-            mem.append(e)
-            if e.index > snap_index:
-                kv.apply(e)
-        store = cls(directory, node, lock_fd, max(epoch, mem.last_epoch), wal, mem, kv,
-                    snap_index)
+        epoch = max(epoch, entries[-1].epoch if entries else snap.epoch)
+        store = cls(directory, node, lock_fd, epoch, wal, snap.index)
         if not meta_path.exists():
-            store.set_epoch(store.epoch)
-        log.info("recovered %s: snapshot at %d, log %d..%d, epoch %d, %d keys", directory,
-                 snap_index, base + 1, mem.last_index, store.epoch, len(kv.data))
-        return store
+            store.set_epoch(epoch)
+        first = entries[0].index if entries else snap.index + 1
+        log.info("recovered %s: snapshot at %d, log %d..%d, epoch %d, %d keys in the "
+                 "snapshot", directory, snap.index, first, first + len(entries) - 1, epoch,
+                 len(data))
+        return store, Recovered(epoch, snap, data, entries)
 
     # --- metadata ----------------------------------------------------------------------------
 
@@ -138,98 +116,83 @@ class Store:
     def sync(self) -> None:
         self.wal.sync()
 
-    def truncate_after(self, index: int) -> list[Entry]:
-        """Cut the log after ``index`` (it diverged from the master's), keeping the cut
-        entries in a rollback file, and rebuild the map. Returns the cut entries."""
-        if index < self.snapshot_index:
-            return self.wipe()
-        removed = self.log.truncate_after(index)
-        if not removed:
-            return []
-        self._save_rollback(removed)
+    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> dict[str, Value]:
+        """Cut the log after ``index`` (it diverged from the master's), keeping ``removed``
+        in a rollback file; everything left is durable. Returns the snapshot's map, from
+        which the caller rebuilds its own."""
+        if removed:
+            self._save_rollback(removed)
         self.wal.truncate_after(index)
-        self._rebuild_kv()
-        return removed
+        if self.snapshot_path.exists():
+            return read_snapshot(self.snapshot_path)[1]
+        return {}
 
-    def wipe(self) -> list[Entry]:
+    def wipe(self, removed: tuple[Entry, ...]) -> None:
         """Forget everything (the snapshot itself diverged); the master will resend it all."""
-        removed = self.log.truncate_after(self.log.base)
         if removed:
             self._save_rollback(removed)
         log.warning("%s: the local snapshot is not a prefix of the master's log; discarding "
                     "local state to resynchronise", self.directory)
         self.snapshot_path.unlink(missing_ok=True)
-        self._start_from(SnapshotMeta(0, 0, ()), {})
-        return removed
+        self.wal.reset(1)
+        self.snapshot_index = 0
 
-    def _start_from(self, meta: SnapshotMeta, data: dict[str, Value]) -> None:
-        """All state is now ``data`` at ``meta.index``; the log continues after it."""
-        self.wal.reset(meta.index + 1)
-        self.log.reset(meta.index, meta.epoch, EpochHistory(meta.epochs))
-        self.kv.data = data
-        self.kv.applied = meta.index
-        self.snapshot_index = meta.index
-
-    def _rebuild_kv(self) -> None:
-        data: dict[str, Value] = {}
-        if self.snapshot_path.exists():
-            _, data = read_snapshot(self.snapshot_path)
-        kv = KV(data, self.snapshot_index)
-        for i in range(self.snapshot_index + 1, self.log.last_index + 1):
-            kv.apply(self.log.get(i))
-        self.kv.data, self.kv.applied = kv.data, kv.applied
-
-    def _save_rollback(self, removed: list[Entry]) -> None:
+    def _save_rollback(self, removed: tuple[Entry, ...]) -> None:
         folder = self.directory / "rollback"
         folder.mkdir(exist_ok=True)
         path = folder / f"rollback-{removed[0].index}-{removed[-1].index}-e{self.epoch}.wal"
-        write_atomic(path, [WAL_MAGIC, encode_entries(removed)])
+        write_atomic(path, [WAL_MAGIC, encode_entries(list(removed))])
         log.warning("cut %d entries (%d..%d) that the master does not have; kept in %s",
                     len(removed), removed[0].index, removed[-1].index, path)
 
     # --- snapshots ---------------------------------------------------------------------------
 
-    def snapshot_due(self, every: int) -> bool:
-        return not self.snapshotting and self.kv.applied - self.snapshot_index >= every
+    def snapshot_due(self, applied: int, every: int) -> bool:
+        return not self.snapshotting and applied - self.snapshot_index >= every
 
-    def begin_snapshot(self) -> SnapshotJob:
-        """Capture the map now and start a new log segment; write the job in a thread,
-        then call :meth:`finish_snapshot`."""
-        index = self.kv.applied
-        assert index == self.log.last_index
-        self.wal.roll(index + 1)
+    def begin_snapshot(self, meta: SnapshotMeta, data: dict[str, Value]) -> SnapshotJob:
+        """Start a new log segment after ``meta.index`` (the end of the log); write the job
+        in a thread, then call :meth:`finish_snapshot`. ``data`` must be a copy."""
+        self.wal.roll(meta.index + 1)
         self.snapshotting = True
-        history = EpochHistory(self.log.history.pairs())
-        history.truncate_after(index)
-        meta = SnapshotMeta(index, self.log.epoch_at(index), history.pairs())
-        return SnapshotJob(meta, dict(self.kv.data), drop_through=self.snapshot_index)
+        return SnapshotJob(meta, data, drop_through=self.snapshot_index)
 
     def write_snapshot(self, job: SnapshotJob) -> None:
         """The slow part, safe in a worker thread."""
         write_snapshot(self.snapshot_path, job.meta, job.data)
 
     def finish_snapshot(self, job: SnapshotJob) -> None:
-        """The snapshot is durable: drop what the previous one already covered. Entries
-        between the two snapshots stay, so a slave a little behind needs no snapshot."""
+        """The snapshot is durable: drop the segments the previous one already covered.
+        Entries between the two snapshots stay, so a slave a little behind needs no
+        snapshot; the caller compacts its log to ``job.drop_through``."""
         self.snapshot_index = job.meta.index
         self.wal.drop_through(job.drop_through)
-        self.log.compact_to(job.drop_through)
-        self.snapshotting = False  # a snapshot is being written or installed: no other starts
-        log.info("snapshot at index %d written (%d keys); log now %d..%d", job.meta.index,
-                 len(job.data), self.log.base + 1, self.log.last_index)
+        self.snapshotting = False
+        log.info("snapshot at index %d written (%d keys)", job.meta.index, len(job.data))
 
     def abort_snapshot(self) -> None:
-        self.snapshotting = False  # a snapshot is being written or installed: no other starts
+        self.snapshotting = False
 
-    def install_snapshot(self, raw_path: Path) -> SnapshotMeta:
+    def install_snapshot(self, raw_path: Path) -> Recovered:
         """Replace all state with a snapshot received from the master (already verified
         and fsynced at ``raw_path``)."""
         meta, data = read_snapshot(raw_path)
         os.replace(raw_path, self.snapshot_path)
         fsync_dir(self.directory)
-        self._start_from(meta, data)
+        self.wal.reset(meta.index + 1)
+        self.snapshot_index = meta.index
         log.info("installed the master's snapshot at index %d (%d keys)", meta.index, len(data))
-        return meta
+        return Recovered(self.epoch, meta, data, [])
+
+    def open_snapshot(self) -> tuple[IO[bytes], int, int]:
+        """The newest snapshot for sending: an open file (it survives a newer snapshot's
+        rename), the index it covers and its size."""
+        f = open(self.snapshot_path, "rb")  # noqa: SIM115 - the caller closes it
+        try:
+            return f, read_index(f), os.fstat(f.fileno()).st_size
+        except BaseException:
+            f.close()
+            raise
 
     def close(self) -> None:
         self.wal.close()

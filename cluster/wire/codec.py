@@ -67,17 +67,21 @@ def to_wire(msg: Message) -> dict[str, Any]:
             if a is not Acks.ASYNC:
                 out["acks"] = a.value
             return out
-        case Get(id=i, key=k, min_index=m, consistency=c):
+        case Get(id=i, key=k, min_index=m, consistency=c, min_epoch=me):
             out = {"op": "get", "id": i, "key": k}
             if m:
                 out["min_index"] = m
+            if me:
+                out["min_epoch"] = me
             if c is not Consistency.ANY:
                 out["consistency"] = c.value
             return out
-        case Scan(id=i, after=after, limit=limit, min_index=m):
+        case Scan(id=i, after=after, limit=limit, min_index=m, min_epoch=me):
             out = {"op": "scan", "id": i, "after": after, "limit": limit}
             if m:
                 out["min_index"] = m
+            if me:
+                out["min_epoch"] = me
             return out
         case Status(id=i):
             return {"op": "status", "id": i}
@@ -285,13 +289,14 @@ def decode(payload: bytes, limits: Limits) -> Message:
             return Delete(f.integer("id"), f.key(limits), f.enum("acks", Acks, Acks.ASYNC))
         case "get":
             return Get(f.integer("id"), f.key(limits), f.integer("min_index", 0),
-                       f.enum("consistency", Consistency, Consistency.ANY))
+                       f.enum("consistency", Consistency, Consistency.ANY),
+                       f.integer("min_epoch", 0))
         case "scan":
             after = f.string("after", optional=True)
             if after is not None and len(after.encode()) > limits.max_key:
                 f.bad(f"'after' is longer than the limit of {limits.max_key} bytes", TooLarge)
             return Scan(f.integer("id"), after, f.integer("limit", 1000, lo=1, hi=100_000),
-                        f.integer("min_index", 0))
+                        f.integer("min_index", 0), f.integer("min_epoch", 0))
         case "status":
             return Status(f.integer("id"))
         case "ping":

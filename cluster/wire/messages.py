@@ -29,8 +29,9 @@ class Delete:
 class Get:
     id: int
     key: str
-    min_index: int = 0  # serve only from a node that has applied at least this index
+    min_index: int = 0  # read token: serve only from a node that has applied this index
     consistency: Consistency = Consistency.ANY
+    min_epoch: int = 0  # read token: ... and holds it in this epoch (0: any epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,8 @@ class Scan:
     id: int
     after: str | None = None
     limit: int = 1000
-    min_index: int = 0  # serve only from a node that has applied at least this index
+    min_index: int = 0  # read token: serve only from a node that has applied this index
+    min_epoch: int = 0  # read token: ... and holds it in this epoch (0: any epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ class Append:
     prev_index: int
     prev_epoch: int
     entries: tuple[Entry, ...]
-    commit: int  # the master's highest durable index, for lag reporting
+    commit: int  # the master's highest durable index (not the majority index), for lag
 
 
 @dataclass(frozen=True, slots=True)

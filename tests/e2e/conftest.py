@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cluster.client import Client
+from cluster.client import Client, Token
 from cluster.config import Address, Limits
 from cluster.errors import ReplError
 from cluster.local import LocalCluster
@@ -57,9 +57,11 @@ async def applied(address: Address) -> int:
     return int((await node_status(address))["applied_index"])
 
 
-async def wait_applied(cluster: LocalCluster, node: str, index: int,
+async def wait_applied(cluster: LocalCluster, node: str, index: int | Token,
                        timeout: float = 20.0) -> None:
     addr = cluster.addresses[node]
+    if isinstance(index, Token):
+        index = index.index
 
     async def check() -> bool:
         return await applied(addr) >= index

@@ -29,10 +29,12 @@ def replctl(*args: str, router: object = None, env: dict[str, str] | None = None
 def test_write_read_delete_show_status(cluster: LocalCluster) -> None:
     r = cluster.router_address
     out = replctl("write", "fruit", "apple", router=r)
-    assert out.returncode == 0 and out.stdout.startswith("OK index=1"), out
-    index = int(out.stdout.split("=")[1])
-    read = replctl("read", "fruit", "--min-index", str(index), router=r)
+    assert out.returncode == 0 and out.stdout.startswith("OK index=1 epoch=1 token=1:1"), out
+    token = out.stdout.split("token=")[1].strip()
+    read = replctl("read", "fruit", "--min-index", token, router=r)
     assert (read.returncode, read.stdout) == (0, "apple\n")
+    lost = replctl("read", "fruit", "--min-index", "7:1", router=r)  # entry 1 is epoch 1
+    assert lost.returncode == 1 and "write_lost" in lost.stderr, lost
     assert replctl("write", "veg", "leek", "--acks", "majority", router=r).returncode == 0
 
     show = replctl("show", "--json", router=r)
@@ -93,7 +95,7 @@ def test_shell(cluster: LocalCluster) -> None:
     out = replctl("shell", router=cluster.router_address, stdin=script)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert "OK index=1" in lines and "OK index=2" in lines
+    assert "OK index=1 epoch=1 token=1:1" in lines and "OK index=2 epoch=1 token=1:2" in lines
     assert "two words" in lines and "(not found: zzz)" in lines
     assert any(line.startswith("b  two words") for line in lines)
     assert "(1 keys)" in lines and any("n4" in line for line in lines)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.client import Client
+from cluster.client import Client, Token
 from cluster.errors import StorageFailure
 from cluster.local import LocalCluster
 from cluster.wire import codec
@@ -203,7 +203,7 @@ async def test_majority_writes_survive_master_sigkill_during_a_slave_pause(
     """A slave paused while majority writes flow, the master SIGKILLed and restarted:
     every acknowledged majority write is on the master and on at least two slaves."""
     cl = await make_cluster(["--snapshot-every", "300"])
-    acked: dict[str, int] = {}
+    acked: dict[str, Token] = {}
     async with await Client.connect(cl.router_address, timeout=10) as c:
         cl.signal("n4", signal.SIGSTOP)
         try:
@@ -212,14 +212,14 @@ async def test_majority_writes_survive_master_sigkill_during_a_slave_pause(
                 *(c.set(f"m{i}", str(i), acks=Acks.MAJORITY) for i in range(1000)),
                 return_exceptions=True)
             for i, r in enumerate(results):
-                if isinstance(r, int):
+                if isinstance(r, Token):
                     acked[f"m{i}"] = r
         finally:
             cl.signal("n4", signal.SIGCONT)
     assert acked
     await cl.kill("n1")
     await cl.start_child("n1")
-    last = max(acked.values())
+    last = max(t.index for t in acked.values())
     for n in cl.node_ids:
         await wait_applied(cl, n, last)
     for n in cl.node_ids:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from cluster.client import Client
+from cluster.client import Client, Token
 from cluster.errors import Behind, NoQuorum, NotMaster, ReplError, Unavailable
 from cluster.local import LocalCluster
 from cluster.types import Acks
@@ -29,7 +30,7 @@ async def test_a_write_is_readable_from_every_slave(cluster: LocalCluster,
 
 async def test_reads_through_the_router_go_to_slaves(cluster: LocalCluster,
                                                      client: Client) -> None:
-    index = await client.set("k", "v")
+    index = (await client.set("k", "v")).index
     for node in cluster.node_ids:
         await wait_applied(cluster, node, index)
     await wait_for(lambda: _router_sees_applied(client, index), "the router to see the slaves")
@@ -44,7 +45,7 @@ async def _router_sees_applied(client: Client, index: int) -> bool:
 
 async def test_reads_and_scans_wait_for_min_index(cluster: LocalCluster,
                                                   client: Client) -> None:
-    index = await client.set("mine", "1")
+    index = (await client.set("mine", "1")).index
     ahead = index + 1000  # no node has applied this yet
     async with await Client.connect(cluster.addresses["n3"]) as direct:
         with pytest.raises(Behind):
@@ -65,13 +66,13 @@ async def test_a_slave_rejects_writes(cluster: LocalCluster) -> None:
 
 
 async def test_killed_slave_catches_up_by_id(cluster: LocalCluster, client: Client) -> None:
-    first = await client.set("before", "crash")
+    first = (await client.set("before", "crash")).index
     await wait_applied(cluster, "n3", first)
     before = (await node_status(cluster.addresses["n3"]))["last_index"]
     await cluster.kill("n3")
 
     indexes = await asyncio.gather(*(client.set(f"key{i}", f"value{i}") for i in range(1000)))
-    assert sorted(indexes) == list(range(first + 1, first + 1001))
+    assert sorted(t.index for t in indexes) == list(range(first + 1, first + 1001))
 
     await cluster.start_child("n3")
     await wait_applied(cluster, "n3", max(indexes))
@@ -86,7 +87,7 @@ async def test_killed_slave_catches_up_by_id(cluster: LocalCluster, client: Clie
 
 async def test_killed_master_keeps_every_acknowledged_write(cluster: LocalCluster,
                                                             client: Client) -> None:
-    acked: dict[str, int] = {}
+    acked: dict[str, Token] = {}
 
     async def writer(n: int) -> None:
         for i in range(10_000):
@@ -109,13 +110,13 @@ async def test_killed_master_keeps_every_acknowledged_write(cluster: LocalCluste
     # and the slaves converge on the restarted master's log, which may also hold writes
     # that reached its disk but were never acknowledged
     top = (await node_status(cluster.addresses["n1"]))["last_index"]
-    assert top >= max(acked.values())
+    assert top >= max(t.index for t in acked.values())
     for node in cluster.node_ids:
         await wait_applied(cluster, node, top)
     assert await node_items(cluster.addresses["n4"]) == items
 
 
-def _at_least(d: dict[str, int], n: int) -> Callable[[], Awaitable[bool]]:
+def _at_least(d: dict[str, Any], n: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return len(d) >= n
     return check
@@ -145,7 +146,7 @@ async def test_slave_behind_a_compaction_gets_snapshot_then_tail(
         last = 0
         for batch in range(6):
             idx = await asyncio.gather(*(c.set(f"k{batch}-{i}", str(i)) for i in range(100)))
-            last = max(idx)
+            last = max(t.index for t in idx)
         await c.delete("early")
         last += 1
     master = await node_status(cl.addresses["n1"])
@@ -163,7 +164,7 @@ async def test_majority_writes_need_a_majority(make_cluster: MakeCluster) -> Non
     cl = await make_cluster()
     async with await Client.connect(cl.router_address) as c:
         index = await c.set("m", "1", Acks.MAJORITY)
-        assert index == 1
+        assert (index.epoch, index.index) == (1, 1)
         await cl.kill("n2")
         await cl.kill("n3")
 
@@ -193,7 +194,7 @@ async def test_restarted_slaves_converge_after_repeated_crashes(
             await cl.kill(victim)
             idx = await asyncio.gather(*(c.set(f"r{round_}-{i}", "x" * (i % 50))
                                          for i in range(400)))
-            last = max(idx)
+            last = max(t.index for t in idx)
             await cl.start_child(victim)
     for node in cl.node_ids:
         await wait_applied(cl, node, last)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.client import Client
+from cluster.client import Client, Token
 from cluster.errors import StorageFailure
 from cluster.local import LocalCluster
 from tests.e2e.conftest import (
@@ -31,7 +31,7 @@ async def test_a_full_disk_fails_the_write_and_loses_nothing(
     cl = await cluster_on_disks(tmp_path / "c", {"n1": tiny_disk})
     try:
         async with await Client.connect(cl.router_address) as c:
-            acked: dict[str, int] = {}
+            acked: dict[str, Token] = {}
             with pytest.raises(StorageFailure, match="No space left"):
                 for i in range(200):
                     acked[f"big{i}"] = await c.set(f"big{i}", "x" * 20_000)
@@ -43,7 +43,7 @@ async def test_a_full_disk_fails_the_write_and_loses_nothing(
             # free space: the node takes writes again without a restart
             subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)
             after = await c.set("after", "space")
-            assert after == max(acked.values()) + 1
+            assert after.index == max(t.index for t in acked.values()) + 1
         # the log on the full disk is readable: a restart recovers every acknowledged write
         await cl.restart("n1")
         items = await node_items(cl.addresses["n1"])
@@ -58,7 +58,7 @@ async def test_a_full_disk_fails_the_write_and_loses_nothing(
 async def test_a_paused_slave_is_marked_down_and_bounded(make_cluster: MakeCluster) -> None:
     cl = await make_cluster()
     async with await Client.connect(cl.router_address) as c:
-        first = await c.set("start", "1")
+        first = (await c.set("start", "1")).index
         await wait_applied(cl, "n2", first)
         cl.signal("n2", signal.SIGSTOP)
         try:

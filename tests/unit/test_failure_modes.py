@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cluster.config import FsyncPolicy
+from cluster.core.state import Replica
 from cluster.errors import StorageFailure
 from cluster.node import durability as durability_module
 from cluster.node.durability import Durability
@@ -26,14 +27,16 @@ def put(index: int, epoch: int = 1) -> Entry:
 
 
 def _store_with(tmp_path: Path, last: int) -> Store:
-    store = Store.open(tmp_path / "n", "n2")
+    store, _ = Store.open(tmp_path / "n", "n2")
     for i in range(1, last + 1):
-        e = put(i)
-        store.append([e])
-        store.log.append(e)
-        store.kv.apply(e)
+        store.append([put(i)])
     store.sync()
     return store
+
+
+def _begin(store: Store, last: int) -> None:
+    store.begin_snapshot(SnapshotMeta(last, 1, ((1, 1),)),
+                         {f"k{i}": f"value-{i}" for i in range(1, last + 1)})
 
 
 # --- a failed segment roll (full disk) leaves the log writing to a closed fd ----------------
@@ -56,7 +59,7 @@ def test_failed_roll_does_not_send_log_records_to_another_file(
     with monkeypatch.context() as m:
         _fail_create(m)
         with pytest.raises((OSError, StorageFailure)):
-            store.begin_snapshot()  # roll to segment 6 fails: disk full
+            _begin(store, 5)  # roll to segment 6 fails: disk full
     other = tmp_path / "unrelated-file"
     fd = os.open(other, os.O_WRONLY | os.O_CREAT, 0o644)  # reuses the lowest free fd
     try:
@@ -66,8 +69,6 @@ def test_failed_roll_does_not_send_log_records_to_another_file(
         except StorageFailure:
             pass  # acceptable: the write fails cleanly
         else:
-            store.log.append(e)
-            store.kv.apply(e)
             store.sync()
     finally:
         os.close(fd)
@@ -86,9 +87,9 @@ def test_failed_roll_does_not_disable_snapshots_forever(
     with monkeypatch.context() as m:
         _fail_create(m)
         with pytest.raises((OSError, StorageFailure)):
-            store.begin_snapshot()
+            _begin(store, 5)
     # the disk has space again: the next check must be able to snapshot
-    assert store.snapshot_due(1), "snapshots stay disabled after one failed roll"
+    assert store.snapshot_due(5, 1), "snapshots stay disabled after one failed roll"
 
 
 # --- Durability.reset racing an fsync in flight ----------------------------------------------
@@ -96,12 +97,6 @@ def test_failed_roll_does_not_disable_snapshots_forever(
 
 class _Store:
     """Just enough of a Store for Durability."""
-
-    class _Log:
-        last_index = 10
-
-    def __init__(self) -> None:
-        self.log = self._Log()
 
     def sync(self) -> None:  # the fake to_thread below stands for the fsync itself
         pass
@@ -132,7 +127,7 @@ async def test_durability_reset_during_an_fsync_does_not_claim_cut_entries(
         raise AssertionError(f"the durability loop never started fsync #{n}")
 
     seen: list[int] = []
-    d = Durability(_Store(), FsyncPolicy.ALWAYS, seen.append)  # type: ignore[arg-type]
+    d = Durability(_Store(), FsyncPolicy.ALWAYS, 10, seen.append)  # type: ignore[arg-type]
     d.written = d.durable = 0
     task = asyncio.create_task(d.run())
     try:
@@ -179,10 +174,10 @@ def test_crash_between_snapshot_rename_and_wal_reset_recovers_consistently(
     with pytest.raises(Crash):
         store.install_snapshot(raw)
     store.close()
-    again = Store.open(tmp_path / "n", "n2")
+    again, rec = Store.open(tmp_path / "n", "n2")
+    r = Replica.recovered(rec)
     try:
-        assert again.log.last_index >= again.kv.applied, (
-            f"recovered log ends at {again.log.last_index} but the map is at "
-            f"{again.kv.applied}")
+        assert r.log.last_index >= r.kv.applied, (
+            f"recovered log ends at {r.log.last_index} but the map is at {r.kv.applied}")
     finally:
         again.close()

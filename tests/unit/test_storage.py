@@ -8,10 +8,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cluster.core.kv import KV
+from cluster.core.log import Log
+from cluster.core.slave import SlaveCore
+from cluster.core.state import Recovered, Replica, snapshot_point
 from cluster.errors import ConfigError, CorruptLog
+from cluster.storage.base import SnapshotJob, persist
 from cluster.storage.records import (
     RECORD_HEADER,
     Damage,
@@ -22,7 +28,7 @@ from cluster.storage.records import (
 from cluster.storage.snapshot import SnapshotMeta, parse_snapshot, read_snapshot, write_snapshot
 from cluster.storage.store import Store
 from cluster.storage.wal import MAGIC, WAL, encode_entries, segment_name
-from cluster.types import Entry, Op, Value
+from cluster.types import Entry, NodeId, Op, Value
 
 WAL_LOGGER = "cluster.storage.wal"
 
@@ -520,7 +526,53 @@ def test_snapshot_with_the_wrong_count_is_corruption() -> None:
 # --- the store -----------------------------------------------------------------------------------
 
 
-def write(store: Store, entries: list[Entry]) -> None:
+class Opened:
+    """A store as a node holds it: the files plus the log and map a core builds from what
+    the store recovered. Cuts go through the real slave core and :func:`persist`."""
+
+    def __init__(self, store: Store, rec: Recovered) -> None:
+        self.files = store
+        self.replica = Replica.recovered(rec)
+
+    @classmethod
+    def open(cls, directory: Path, node: str) -> Opened:
+        return cls(*Store.open(directory, node))
+
+    def __getattr__(self, name: str) -> Any:  # the store's own methods and attributes
+        return getattr(self.files, name)
+
+    @property
+    def log(self) -> Log:
+        return self.replica.log
+
+    @property
+    def kv(self) -> KV:
+        return self.replica.kv
+
+    def cut(self, match: int) -> list[Entry]:
+        """What a slave does when the master answers its sync with ``match``."""
+        core = SlaveCore(NodeId(self.files.node), self.replica)
+        core.connect(1)
+        ready = core.on_sync_reply(self.files.epoch, match, snapshot=False)
+        core.advance(ready, persist(self.files, ready))
+        self.replica = core.handover()
+        return list(ready.truncate.removed) if ready.truncate else []
+
+    def begin(self) -> SnapshotJob:
+        return self.files.begin_snapshot(*snapshot_point(self.log, self.kv))
+
+    def finish(self, job: SnapshotJob) -> None:
+        self.files.finish_snapshot(job)
+        self.replica.snapshot_index = job.meta.index
+        self.log.compact_to(job.drop_through)
+
+    def install(self, path: Path) -> SnapshotMeta:
+        rec = self.files.install_snapshot(path)
+        self.replica = Replica.recovered(rec)
+        return rec.snapshot
+
+
+def write(store: Opened, entries: list[Entry]) -> None:
     """What the runtime does with a write: log it, then append and apply it in memory."""
     store.append(entries)
     for e in entries:
@@ -528,25 +580,25 @@ def write(store: Store, entries: list[Entry]) -> None:
         store.kv.apply(e)
 
 
-def state(store: Store) -> tuple[list[Entry], dict[str, Value], int]:
+def state(store: Opened) -> tuple[list[Entry], dict[str, Value], int]:
     lg = store.log
     return lg.slice(lg.base + 1, lg.last_index), dict(store.kv.data), store.kv.applied
 
 
-def reopen(store: Store) -> Store:
+def reopen(store: Opened) -> Opened:
     store.close()
-    return Store.open(store.directory, store.node)
+    return Opened.open(store.directory, store.node)
 
 
 def test_store_new_directory(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "n1", "n1")
+    store = Opened.open(tmp_path / "n1", "n1")
     assert (store.log.last_index, store.kv.applied, store.epoch) == (0, 0, 0)
     assert (tmp_path / "n1" / "meta").exists()
     store.close()
 
 
 def test_store_recovers_log_and_kv(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, [put(1, "a", "1"), put(2, "b", b"2"), put(3, "a", "3", epoch=2),
                   delete(4, "b", epoch=2)])
     store.sync()
@@ -563,7 +615,7 @@ def test_store_recovers_log_and_kv(tmp_path: Path) -> None:
 
 
 def test_store_epoch_is_durable(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     store.set_epoch(7)
     store = reopen(store)
     assert store.epoch == 7
@@ -571,23 +623,23 @@ def test_store_epoch_is_durable(tmp_path: Path) -> None:
 
 
 def test_store_second_open_is_refused_while_the_first_runs(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     with pytest.raises(ConfigError, match="in use"):
         Store.open(tmp_path, "n1")
     store.close()
-    Store.open(tmp_path, "n1").close()
+    Opened.open(tmp_path, "n1").close()
 
 
 def test_store_of_another_node_is_refused(tmp_path: Path) -> None:
-    Store.open(tmp_path, "n1").close()
+    Opened.open(tmp_path, "n1").close()
     with pytest.raises(ConfigError, match="n1"):
         Store.open(tmp_path, "n2")
     # the refusal released the lock
-    Store.open(tmp_path, "n1").close()
+    Opened.open(tmp_path, "n1").close()
 
 
 def test_store_damaged_meta_is_corruption(tmp_path: Path) -> None:
-    Store.open(tmp_path, "n1").close()
+    Opened.open(tmp_path, "n1").close()
     (tmp_path / "meta").write_bytes(b"\x00\x00\x00\x05garbage")
     with pytest.raises(CorruptLog, match="meta") as info:
         Store.open(tmp_path, "n1")
@@ -595,7 +647,7 @@ def test_store_damaged_meta_is_corruption(tmp_path: Path) -> None:
 
 
 def test_store_corrupt_log_stops_the_open_and_releases_the_lock(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 5))
     store.close()
     (seg,) = (tmp_path / "wal").glob("*.wal")
@@ -608,16 +660,16 @@ def test_store_corrupt_log_stops_the_open_and_releases_the_lock(tmp_path: Path) 
         Store.open(tmp_path, "n1")
 
 
-def snapshot(store: Store) -> None:
-    job = store.begin_snapshot()
+def snapshot(store: Opened) -> None:
+    job = store.begin()
     assert store.snapshotting
     store.write_snapshot(job)
-    store.finish_snapshot(job)
+    store.finish(job)
     assert not store.snapshotting
 
 
 def test_store_snapshot_cycle(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 5))
     snapshot(store)
     assert store.snapshot_index == 5
@@ -633,7 +685,7 @@ def test_store_snapshot_cycle(tmp_path: Path) -> None:
 
 
 def test_store_two_snapshot_cycles_drop_old_segments(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 5))
     snapshot(store)
     write(store, puts(6, 8, epoch=2))
@@ -663,7 +715,7 @@ def test_store_two_snapshot_cycles_drop_old_segments(tmp_path: Path) -> None:
 
 
 def test_store_snapshot_with_nothing_after_it_reopens(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 3))
     snapshot(store)
     snapshot(store)  # the second at the same index drops 1..3
@@ -678,26 +730,26 @@ def test_store_snapshot_with_nothing_after_it_reopens(tmp_path: Path) -> None:
 
 
 def test_store_snapshot_due(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 3))
-    assert not store.snapshot_due(4)
+    assert not store.snapshot_due(store.kv.applied, 4)
     write(store, puts(4, 4))
-    assert store.snapshot_due(4)
-    job = store.begin_snapshot()
-    assert not store.snapshot_due(4)  # one at a time
+    assert store.snapshot_due(store.kv.applied, 4)
+    job = store.begin()
+    assert not store.snapshot_due(store.kv.applied, 4)  # one at a time
     store.abort_snapshot()
-    assert store.snapshot_due(4)
+    assert store.snapshot_due(store.kv.applied, 4)
     store.write_snapshot(job)
-    store.finish_snapshot(job)
-    assert not store.snapshot_due(1)
+    store.finish(job)
+    assert not store.snapshot_due(store.kv.applied, 1)
     store.close()
 
 
 def test_store_truncate_after_keeps_a_rollback_file_and_rebuilds_the_map(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, [put(1, "kept", "1"), put(2, "over", "old"), put(3, "over", "new"),
                   put(4, "late", "x"), delete(5, "kept")])
-    removed = store.truncate_after(2)
+    removed = store.cut(2)
     assert [e.index for e in removed] == [3, 4, 5]
     assert store.kv.data == {"kept": "1", "over": "old"}
     assert store.kv.applied == 2 and store.log.last_index == 2
@@ -710,7 +762,7 @@ def test_store_truncate_after_keeps_a_rollback_file_and_rebuilds_the_map(tmp_pat
     store = reopen(store)
     assert state(store) == before
     assert store.kv.data == {"kept": "1", "over": "old", "other": "y"}
-    assert store.truncate_after(3) == []
+    assert store.cut(3) == []
     store.close()
 
 
@@ -722,13 +774,13 @@ def _read_rollback(path: Path) -> list[Entry]:
 
 
 def test_store_truncate_after_a_snapshot(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, [put(1, "a", "1"), put(2, "b", "2")])
     snapshot(store)
     write(store, [put(3, "a", "3"), put(4, "c", "4")])
-    store.truncate_after(3)
+    store.cut(3)
     assert store.kv.data == {"a": "3", "b": "2"}
-    store.truncate_after(2)
+    store.cut(2)
     assert store.kv.data == {"a": "1", "b": "2"}
     assert store.snapshot_index == 2
     store = reopen(store)
@@ -741,12 +793,12 @@ def test_store_truncate_after_a_snapshot(tmp_path: Path) -> None:
 
 def test_store_truncate_below_the_snapshot_wipes(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 4))
     snapshot(store)
     write(store, puts(5, 6))
     with caplog.at_level(logging.WARNING):
-        removed = store.truncate_after(2)
+        removed = store.cut(2)
     assert [e.index for e in removed] == [1, 2, 3, 4, 5, 6]
     assert (store.log.base, store.log.last_index, store.kv.data, store.kv.applied) == (
         0, 0, {}, 0)
@@ -762,11 +814,11 @@ def test_store_truncate_below_the_snapshot_wipes(tmp_path: Path,
 
 
 def test_store_install_snapshot(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "n2", "n2")
+    store = Opened.open(tmp_path / "n2", "n2")
     write(store, puts(1, 3))
     received = tmp_path / "n2" / "snapshot.recv"
     write_snapshot(received, META, DATA)
-    meta = store.install_snapshot(received)
+    meta = store.install(received)
     assert meta == META
     assert not received.exists()
     assert (store.log.base, store.log.last_index, store.log.last_epoch) == (42, 42, 3)
@@ -781,14 +833,14 @@ def test_store_install_snapshot(tmp_path: Path) -> None:
 
 
 def test_store_install_of_a_damaged_snapshot_changes_nothing(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "n2", "n2")
+    store = Opened.open(tmp_path / "n2", "n2")
     write(store, puts(1, 3))
     received = tmp_path / "snapshot.recv"
     write_snapshot(received, META, DATA)
     received.write_bytes(received.read_bytes()[:-2])
     before = state(store)
     with pytest.raises(CorruptLog):
-        store.install_snapshot(received)
+        store.install(received)
     assert state(store) == before
     store = reopen(store)
     assert state(store) == before
@@ -796,7 +848,7 @@ def test_store_install_of_a_damaged_snapshot_changes_nothing(tmp_path: Path) -> 
 
 
 def test_store_damaged_snapshot_stops_the_open(tmp_path: Path) -> None:
-    store = Store.open(tmp_path, "n1")
+    store = Opened.open(tmp_path, "n1")
     write(store, puts(1, 3))
     snapshot(store)
     store.close()
