@@ -4,6 +4,7 @@ was not synced: the disk of the deterministic replication simulation."""
 from __future__ import annotations
 
 from cluster.core.state import NO_SNAPSHOT, Recovered, SnapshotMeta
+from cluster.errors import StorageFailure
 from cluster.storage.base import SnapshotJob
 from cluster.types import Entry, Value
 
@@ -17,6 +18,7 @@ class MemoryStore:
         self.synced: list[Entry] = []  # on "disk"
         self.written: list[Entry] = []  # handed to the "OS", lost by a crash
         self.rollback: list[tuple[Entry, ...]] = []
+        self.rollback_snapshots: list[tuple[SnapshotMeta, dict[str, Value]]] = []
         self.fail_writes = False  # a full disk
 
     # --- recovery ------------------------------------------------------------------------------
@@ -39,7 +41,6 @@ class MemoryStore:
 
     def append(self, entries: list[Entry]) -> None:
         if self.fail_writes:
-            from cluster.errors import StorageFailure
             raise StorageFailure("could not write to the log: No space left on device")
         self.written.extend(entries)
 
@@ -57,6 +58,8 @@ class MemoryStore:
     def wipe(self, removed: tuple[Entry, ...]) -> None:
         if removed:
             self.rollback.append(removed)
+        if self.snapshot_index:
+            self.rollback_snapshots.append(self.snapshot)
         self.synced, self.written = [], []
         self.snapshot = (NO_SNAPSHOT, {})
         self.snapshot_index = 0

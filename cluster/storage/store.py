@@ -128,12 +128,22 @@ class Store:
         return {}
 
     def wipe(self, removed: tuple[Entry, ...]) -> None:
-        """Forget everything (the snapshot itself diverged); the master will resend it all."""
+        """Forget everything (the snapshot itself diverged); the master will resend it all.
+        The log's entries go to a rollback file, and the snapshot itself too: entries that
+        exist only in it (compacted away) are kept as the map they produced."""
         if removed:
             self._save_rollback(removed)
-        log.warning("%s: the local snapshot is not a prefix of the master's log; discarding "
-                    "local state to resynchronise", self.directory)
-        self.snapshot_path.unlink(missing_ok=True)
+        if self.snapshot_path.exists():
+            folder = self.directory / "rollback"
+            folder.mkdir(exist_ok=True)
+            kept = folder / f"snapshot-{self.snapshot_index}-e{self.epoch}"
+            os.replace(self.snapshot_path, kept)
+            fsync_dir(folder)
+            log.warning("%s: the local snapshot at %d is not a prefix of the master's log; "
+                        "kept it as %s", self.directory, self.snapshot_index, kept)
+        log.warning("%s: discarding local state to resynchronise from the master",
+                    self.directory)
+        fsync_dir(self.directory)
         self.wal.reset(1)
         self.snapshot_index = 0
 

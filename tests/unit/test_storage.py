@@ -805,6 +805,9 @@ def test_store_truncate_below_the_snapshot_wipes(tmp_path: Path,
     assert store.snapshot_index == 0
     assert not store.snapshot_path.exists()
     assert "discarding" in caplog.text
+    # the snapshot is kept beside the cut entries: what was compacted is not lost silently
+    kept = tmp_path / "rollback" / "snapshot-4-e0"
+    assert read_snapshot(kept)[1] == {f"k{i}": f"value-{i}" for i in range(1, 5)}
     store = reopen(store)
     assert (store.log.last_index, store.kv.data, store.snapshot_index) == (0, {}, 0)
     write(store, puts(1, 1, epoch=3))
