@@ -20,6 +20,7 @@ from cluster.errors import (
     ReplError,
     StaleEpoch,
     StorageFailure,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.storage.records import RECORD_HEADER
@@ -163,7 +164,7 @@ class MasterRole:
                 tg.create_task(self._send_loop(link))
                 tg.create_task(self._ack_loop(link))
         except* (ReplError, OSError, ConnectionError, TimeoutError) as eg:
-            log.warning("replication link to %s closed: %s", node, eg.exceptions[0])
+            log.warning("replication link to %s closed: %s", node, reason(eg.exceptions[0]))
         finally:
             if self._links.get(node) is link:
                 del self._links[node]

@@ -26,6 +26,7 @@ from cluster.node.master import MasterRole, not_master
 from cluster.node.slave import SlaveRole
 from cluster.storage.store import Store
 from cluster.types import Consistency
+from cluster.wire import codec
 from cluster.wire.messages import (
     Delete,
     ErrorReply,
@@ -163,7 +164,7 @@ class Node:
             await stream.close()
 
     async def _serve_stream(self, stream: FramedStream) -> None:
-        async for msg in stream.requests():
+        async for msg in stream.requests(codec.NODE_REQUESTS):
             if isinstance(msg, Sync):
                 if isinstance(self.role, MasterRole):
                     await self.role.replicate(stream, msg)
