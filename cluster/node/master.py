@@ -90,7 +90,7 @@ class MasterRole:
         try:
             self.node.store.append([entry])
         except StorageFailure as exc:
-            log.error("write %d failed: %s", entry.index, exc)
+            log.error("write %d failed: %s", entry.index, reason(exc))
             return ErrorReply(msg.id, exc.code, str(exc))
         self.core.accept(entry)
         self._local.append((entry.index, stream, msg.id, msg.acks))

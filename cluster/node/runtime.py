@@ -19,6 +19,7 @@ from cluster.errors import (
     NoQuorum,
     ShuttingDown,
     StorageFailure,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.node.durability import Durability
@@ -140,13 +141,13 @@ class Node:
         try:
             job = store.begin_snapshot()
         except (StorageFailure, OSError) as exc:
-            log.error("could not start a snapshot at index %d: %s", store.kv.applied, exc)
+            log.error("could not start a snapshot at index %d: %s", store.kv.applied, reason(exc))
             return
         try:
             await asyncio.to_thread(store.write_snapshot, job)
         except OSError as exc:
             store.abort_snapshot()
-            log.error("snapshot at index %d failed: %s; will retry", job.meta.index, exc)
+            log.error("snapshot at index %d failed: %s; will retry", job.meta.index, reason(exc))
             return
         store.finish_snapshot(job)
 
@@ -206,7 +207,7 @@ class Node:
             return ErrorReply(msg.id, exc.code, str(exc))  # type: ignore[union-attr]
         except Exception as exc:  # a bug must not take the node down for everyone
             log.exception("internal error serving %r", msg)
-            return ErrorReply(getattr(msg, "id", 0), InternalError.code, str(exc))
+            return ErrorReply(getattr(msg, "id", 0), InternalError.code, reason(exc))
 
     def _get(self, msg: Get) -> Reply | ErrorReply:
         kv = self.store.kv
