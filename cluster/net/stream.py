@@ -140,7 +140,7 @@ class FramedStream:
 
     def send(self, msg: Message) -> None:
         """Send ``msg``; a reply pays one reply owed (see :meth:`requests`)."""
-        if self._owed and isinstance(msg, Reply | ErrorReply):
+        if self._owed and isinstance(msg, (Reply, ErrorReply)):
             self._owed -= 1
             self._answered.set()
         self.send_raw(codec.frame(msg))
