@@ -187,3 +187,9 @@ def error_for_code(code: str, message: str) -> ReplError:
     if cls is RequestFailed:
         err.code = code
     return err
+
+
+def reason(exc: BaseException) -> str:
+    """``exc`` as the reason in a log line or a message: its text, or its class name when
+    it has none (``TimeoutError()`` and some msgpack errors carry no text)."""
+    return str(exc) or type(exc).__name__

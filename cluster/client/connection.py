@@ -19,6 +19,7 @@ from cluster.errors import (
     ReplError,
     RequestTimeout,
     error_for_code,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.wire import codec
@@ -111,7 +112,7 @@ class Connection:
         except ReplError as exc:
             error = exc
         except (OSError, ConnectionError) as exc:
-            error = NetworkError(f"connection to {self.address} failed: {exc}")
+            error = NetworkError(f"connection to {self.address} failed: {reason(exc)}")
         finally:
             self._fail_all(error)
             self._stream.writer.close()

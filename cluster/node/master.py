@@ -18,6 +18,7 @@ from cluster.errors import (
     ShuttingDown,
     StaleEpoch,
     StorageFailure,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.types import Consistency, NodeId, Op
@@ -84,7 +85,7 @@ class MasterRole:
         try:
             ready = self.node.carry_out(self.core, ready)
         except StorageFailure as exc:
-            log.error("write %d failed: %s", ready.entries[0].index, exc)
+            log.error("write %d failed: %s", ready.entries[0].index, reason(exc))
             ready = self.core.failed(ready, exc)
         self._deliver(ready)
         return None
@@ -134,7 +135,7 @@ class MasterRole:
                 tg.create_task(self._send_loop(link))
                 tg.create_task(self._ack_loop(link))
         except* (ReplError, OSError, ConnectionError, TimeoutError) as eg:
-            log.warning("replication link to %s closed: %s", node, eg.exceptions[0])
+            log.warning("replication link to %s closed: %s", node, reason(eg.exceptions[0]))
         finally:
             if self._links.get(node) is link:
                 del self._links[node]

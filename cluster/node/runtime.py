@@ -25,12 +25,14 @@ from cluster.errors import (
     RequestFailed,
     ShuttingDown,
     StorageFailure,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.node.durability import Durability
 from cluster.storage.base import carry_out
 from cluster.storage.store import Store
 from cluster.types import Consistency
+from cluster.wire import codec
 from cluster.wire.messages import (
     Delete,
     ErrorReply,
@@ -230,13 +232,14 @@ class Node:
         try:
             job = store.begin_snapshot(meta, data)
         except (StorageFailure, OSError) as exc:
-            log.error("could not start a snapshot at index %d: %s", meta.index, exc)
+            log.error("could not start a snapshot at index %d: %s", meta.index,
+                      reason(exc))
             return
         try:
             await asyncio.to_thread(store.write_snapshot, job)
         except OSError as exc:
             store.abort_snapshot()
-            log.error("snapshot at index %d failed: %s; will retry", job.meta.index, exc)
+            log.error("snapshot at index %d failed: %s; will retry", job.meta.index, reason(exc))
             return
         store.finish_snapshot(job)
         self.role.core.compacted(job.meta.index, job.drop_through)
@@ -255,7 +258,7 @@ class Node:
             await stream.close()
 
     async def _serve_stream(self, stream: FramedStream) -> None:
-        async for msg in stream.requests():
+        async for msg in stream.requests(codec.NODE_REQUESTS):
             if isinstance(msg, Sync):
                 await self.role.replicate(stream, msg)
                 return
@@ -292,7 +295,7 @@ class Node:
             return ErrorReply(rid, exc.code, str(exc), getattr(exc, "master", None))
         except Exception as exc:  # a bug must not take the node down for everyone
             log.exception("internal error serving %r", msg)
-            return ErrorReply(rid, InternalError.code, str(exc) or type(exc).__name__)
+            return ErrorReply(rid, InternalError.code, reason(exc))
 
     def _get(self, msg: Get) -> Reply:
         self.role.check_read(msg.consistency, msg.min_epoch, msg.min_index)

@@ -20,6 +20,7 @@ from cluster.errors import (
     StaleEpoch,
     StorageFailure,
     error_for_code,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.node.stats import DelayStats
@@ -100,8 +101,7 @@ class SlaveRole:
             except StorageFailure as exc:
                 log.error("cannot store what the master sends: %s", exc)
             except (ReplError, OSError, ConnectionError, TimeoutError) as exc:
-                log.warning("replication from %s interrupted: %s", self.master,
-                            exc or type(exc).__name__)
+                log.warning("replication from %s interrupted: %s", self.master, reason(exc))
             if self.core.progressed:
                 backoff = 0.0
                 continue

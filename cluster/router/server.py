@@ -12,18 +12,17 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from cluster.client.connection import Connection
 from cluster.config import Address, RouterConfig
 from cluster.errors import (
-    BadRequest,
     Behind,
     NetworkError,
     NotMaster,
     ReplError,
     Unavailable,
+    reason,
 )
 from cluster.net.stream import FramedStream
 from cluster.router.table import RoutingTable
@@ -39,6 +38,7 @@ from cluster.wire.messages import (
     Scan,
     Set,
     Status,
+    Sync,
 )
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ class Router:
                     conn = await Connection.open(addr, cfg.limits, timeout=cfg.node_timeout)
                 except ReplError as exc:
                     conn = None
-                    if self.table.failed(node, str(exc)):
-                        log.warning("node %s at %s is down: %s", node, addr, exc)
+                    self._node_failed(node, None, reason(exc))
                 else:
                     self._links[node] = conn
             if conn is not None:
@@ -120,7 +119,7 @@ class Router:
             if isinstance(reply, ErrorReply):
                 raise ReplError(f"{reply.code}: {reply.message}")
         except ReplError as exc:
-            self._node_failed(node, conn, str(exc))
+            self._node_failed(node, conn, reason(exc))
             return
         was_up = self.table.views[node].up
         self.table.update(node, reply.fields)
@@ -128,12 +127,14 @@ class Router:
             log.info("node %s at %s is up (%s)", node, self.config.cluster[node],
                      reply.fields.get("role"))
 
-    def _node_failed(self, node: NodeId, conn: Connection, error: str) -> None:
-        """A probe or a forwarded request saw the link fail: drop it; the node is down
-        until a probe says otherwise."""
-        if self._links.get(node) is conn:
-            del self._links[node]
-        conn.abort()
+    def _node_failed(self, node: NodeId, conn: Connection | None, error: str) -> None:
+        """A probe or a forwarded request found the node unreachable (``conn`` is the link
+        that failed, if any): drop the link; the node is down until a probe says otherwise.
+        Whichever finds it first logs it."""
+        if conn is not None:
+            if self._links.get(node) is conn:
+                del self._links[node]
+            conn.abort()
         if self.table.failed(node, error):
             log.warning("node %s at %s is down: %s", node, self.config.cluster[node], error)
 
@@ -144,9 +145,8 @@ class Router:
         stream = client.stream
         self._streams.add(stream)
         try:
-            async for msg in stream.requests():
-                if not self._route(msg, client):
-                    return
+            async for msg in stream.requests(codec.CLIENT_REQUESTS):
+                self._route(msg, client)
                 await client.wait_for_room()
         except (NetworkError, OSError, ConnectionError):
             pass
@@ -154,11 +154,10 @@ class Router:
             self._streams.discard(stream)
             await stream.close()
 
-    def _route(self, msg: Any, client: _Client) -> bool:
-        """Forward or answer one request; False when the connection must close."""
+    def _route(self, msg: Request, client: _Client) -> None:
+        """Forward or answer one request; its reply goes to ``client`` when it comes."""
         match msg:
             case Set() | Delete():
-                client.started()
                 master = self.table.master()
                 if master is None:
                     client.finished(ErrorReply(
@@ -167,21 +166,15 @@ class Router:
                 else:
                     self._forward(msg, master, client, frozenset())
             case Get() | Scan():
-                client.started()
                 self._read(msg, client, frozenset())
             case Status(id=rid):
-                client.started()
                 task = asyncio.get_running_loop().create_task(self._status(rid, client))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case Ping(id=rid):
-                client.stream.send(Reply(rid, {"node": "router", "role": "router"}))
-            case _:
-                client.stream.send(ErrorReply(
-                    getattr(msg, "id", 0), BadRequest.code,
-                    f"{type(msg).__name__} is not a request the router serves"))
-                return False
-        return True
+                client.finished(Reply(rid, {"node": "router", "role": "router"}))
+            case Sync():  # pragma: no cover - requests(CLIENT_REQUESTS) refuses it
+                raise AssertionError("the router's request loop let a sync through")
 
     async def _status(self, rid: int, client: _Client) -> None:
         """Answer ``status`` from a fresh probe of every node the router is connected to."""
@@ -204,13 +197,13 @@ class Router:
                  tried: frozenset[NodeId]) -> None:
         conn = self._links.get(node)
         if conn is None or conn.closed:
-            self.table.failed(node, "no connection")
+            self._node_failed(node, conn, "no open connection to it")
             self._retry_or_fail(msg, node, client, tried, "no connection to it", sent=False)
             return
 
         def done(reply: Reply | ErrorReply | ReplError) -> None:
             if isinstance(reply, ReplError):
-                self._node_failed(node, conn, str(reply))
+                self._node_failed(node, conn, reason(reply))
                 self._retry_or_fail(msg, node, client, tried, str(reply), sent=True)
                 return
             if isinstance(reply, ErrorReply):
@@ -247,25 +240,14 @@ MAX_IN_FLIGHT = 64  # requests of one client connection the router holds at once
 
 @dataclass(eq=False)
 class _Client:
-    """A client connection, and how many of its requests still await their reply."""
+    """A client connection; its stream counts the requests still awaiting their reply."""
 
     stream: FramedStream
-    in_flight: int = 0
-    room: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def started(self) -> None:
-        self.in_flight += 1
-        if self.in_flight >= MAX_IN_FLIGHT:
-            self.room.clear()
 
     def finished(self, reply: Reply | ErrorReply) -> None:
         """Send the one reply a request gets."""
         self.stream.send(reply)
-        self.in_flight -= 1
-        self.room.set()
 
     async def wait_for_room(self) -> None:
         """Hold the client's next request while it has too many awaiting a node."""
-        while self.in_flight >= MAX_IN_FLIGHT:
-            self.room.clear()
-            await self.room.wait()
+        await self.stream.wait_replies(MAX_IN_FLIGHT - 1)

@@ -2,7 +2,9 @@
 
 ``decode`` turns a frame's payload into a typed message or raises a
 :class:`~cluster.errors.ProtocolError` whose ``request_id`` is set when the payload was a
-map with a usable ``id``, so the server can address its error reply.
+map with a usable ``id``, so the server can address its error reply. ``decode_request`` is
+what a server's request loop uses: it also refuses, with that id, a message that is not a
+request the server serves (a reply, or a replication message).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from cluster.config import Limits
-from cluster.errors import BadFrame, BadRequest, ProtocolError, TooLarge, UnknownOp
+from cluster.errors import BadFrame, BadRequest, ProtocolError, TooLarge, UnknownOp, reason
 from cluster.types import Acks, Consistency, Entry, Op
 from cluster.wire.framing import encode_frame
 from cluster.wire.messages import (
@@ -25,6 +27,7 @@ from cluster.wire.messages import (
     Message,
     Ping,
     Reply,
+    Request,
     Scan,
     Set,
     SnapshotChunk,
@@ -33,6 +36,10 @@ from cluster.wire.messages import (
 )
 
 MAX_ID = 2**63 - 1
+MAX_DEPTH = 1024  # arrays and maps nested in one payload, its own map included (msgpack's)
+CLIENT_REQUESTS = frozenset({"set", "delete", "get", "scan", "status", "ping"})
+NODE_REQUESTS = CLIENT_REQUESTS | {"sync"}  # what a node's request loop serves
+_KNOWN_OPS = NODE_REQUESTS | {"append", "snapshot", "ack"}
 _OPS = {Op.SET.value: Op.SET, Op.DELETE.value: Op.DELETE}
 
 
@@ -43,8 +50,26 @@ def _packer() -> msgpack.Packer:
 _pack: Callable[[Any], bytes] = _packer().pack
 
 
-def _unpack(payload: bytes) -> Any:
-    return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+def _unpack(payload: bytes, what: str) -> Any:
+    """One msgpack value, or :class:`BadFrame` saying why ``payload`` is not one."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises many unrelated types for bad input
+        raise BadFrame(f"{what} is not valid msgpack: {_undecodable(exc)}") from exc
+
+
+def _undecodable(exc: Exception) -> str:
+    """Why msgpack refused a payload, in words (some of its errors carry no text)."""
+    match exc:
+        case msgpack.StackError():
+            return f"arrays and maps nested more than {MAX_DEPTH} deep"
+        case msgpack.FormatError():
+            return "byte 0xc1 starts no msgpack value"
+        case msgpack.ExtraData():
+            return "bytes follow the first value"
+        case TypeError() if "unhashable" in str(exc):
+            return "a map key is an array or a map"
+    return reason(exc)
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -265,17 +290,39 @@ def _epochs(f: _Fields, raw: list[Any]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def decode(payload: bytes, limits: Limits) -> Message:
-    """Decode and validate one frame's payload."""
-    try:
-        m = _unpack(payload)
-    except Exception as exc:  # msgpack raises many unrelated types for bad input
-        _fail(BadFrame, f"payload is not valid msgpack: {exc}", None)
+def _decode_map(payload: bytes) -> tuple[dict[Any, Any], int | None, Any]:
+    """The payload's map, its request id when usable, and its ``op``."""
+    m = _unpack(payload, "payload")
     if not isinstance(m, dict):
         _fail(BadFrame, f"payload must be a msgpack map, not {type(m).__name__}", None)
     rid_raw = m.get("id")
     rid = rid_raw if type(rid_raw) is int and 0 <= rid_raw <= MAX_ID else None
-    op = m.get("op")
+    return m, rid, m.get("op")
+
+
+def decode(payload: bytes, limits: Limits) -> Message:
+    """Decode and validate one frame's payload."""
+    m, rid, op = _decode_map(payload)
+    return _message(m, rid, op, limits)
+
+
+def decode_request(payload: bytes, limits: Limits, ops: frozenset[str]) -> Request:
+    """Decode and validate a request to a server that serves the ops in ``ops``.
+
+    Anything else that decodes (a reply, a replication message, a known op not served
+    here) is refused with :class:`BadRequest`, addressed to the map's ``id`` when it has a
+    usable one, before its other fields are checked."""
+    m, rid, op = _decode_map(payload)
+    if op is None and "ok" in m:
+        _fail(BadRequest, "a reply is not a request", rid)
+    if isinstance(op, str) and op in _KNOWN_OPS and op not in ops:
+        _fail(BadRequest, f"{op!r} is not a request this server serves", rid)
+    msg = _message(m, rid, op, limits)
+    assert isinstance(msg, Request)
+    return msg
+
+
+def _message(m: dict[Any, Any], rid: int | None, op: Any, limits: Limits) -> Message:
     if op is None and "ok" in m:
         return _decode_reply(m, rid)
     f = _Fields(m, rid, str(op))
@@ -342,11 +389,7 @@ def pack_entry(e: Entry) -> bytes:
 
 
 def unpack_entry(data: bytes) -> Entry:
-    try:
-        raw = _unpack(data)
-    except Exception as exc:
-        raise BadFrame(f"entry is not valid msgpack: {exc}") from exc
-    return entry_from_wire(raw)
+    return entry_from_wire(_unpack(data, "entry"))
 
 
 def pack_obj(obj: Any) -> bytes:
@@ -355,7 +398,4 @@ def pack_obj(obj: Any) -> bytes:
 
 
 def unpack_obj(data: bytes) -> Any:
-    try:
-        return _unpack(data)
-    except Exception as exc:
-        raise BadFrame(f"record is not valid msgpack: {exc}") from exc
+    return _unpack(data, "record")

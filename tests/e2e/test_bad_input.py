@@ -31,6 +31,11 @@ GARBAGE = {
                         "too_large"),
     "oversized frame": (struct.pack(">I", 1 << 30) + b"\x80", "frame_too_large"),
     "empty frame": (encode_frame(b""), "bad_frame"),
+    "nested too deep": (encode_frame(b"\x81\xa1x" + b"\x91" * codec.MAX_DEPTH + b"\x01"),
+                        "bad_frame"),
+    "replication message": (encode_frame(codec.pack_obj({"op": "ack", "id": 12, "epoch": 1,
+                                                         "index": 0})), "bad_request"),
+    "a reply": (encode_frame(codec.pack_obj({"id": 13, "ok": True})), "bad_request"),
 }
 
 
@@ -52,9 +57,22 @@ async def test_garbage_gets_an_error_and_the_cluster_keeps_working(
     assert items["safe"] == "data" and len(items) == 1 + len(GARBAGE)
 
 
-async def test_error_reply_carries_the_request_id(cluster: LocalCluster) -> None:
-    reply, _ = await raw_exchange(cluster.addresses["n1"], GARBAGE["unknown op"][0])
-    assert reply.id == 7
+@pytest.mark.parametrize("target", ["node", "router"])
+async def test_error_reply_carries_the_request_id(cluster: LocalCluster, target: str) -> None:
+    """Also for messages that have no id of their own (an ack) but were sent with one."""
+    addr = cluster.addresses["n1"] if target == "node" else cluster.router_address
+    for name, rid in [("unknown op", 7), ("replication message", 12), ("a reply", 13)]:
+        reply, _ = await raw_exchange(addr, GARBAGE[name][0])
+        assert reply.id == rid, name
+
+
+@pytest.mark.parametrize("target", ["node", "router"])
+async def test_undecodable_payloads_say_why(cluster: LocalCluster, target: str) -> None:
+    addr = cluster.addresses["n1"] if target == "node" else cluster.router_address
+    reply, _ = await raw_exchange(addr, GARBAGE["nested too deep"][0])
+    assert reply.message.endswith(f"nested more than {codec.MAX_DEPTH} deep"), reply.message
+    reply, _ = await raw_exchange(addr, GARBAGE["not msgpack"][0])
+    assert not reply.message.endswith(": "), reply.message
 
 
 async def test_torn_tail_is_truncated_at_start(cluster: LocalCluster) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytest
@@ -190,7 +189,8 @@ def test_pack_entry_round_trips(e: Entry) -> None:
 def test_random_bytes_raise_only_protocol_errors(payload: bytes) -> None:
     try:
         msg = codec.decode(payload, LIMITS)
-    except ProtocolError:
+    except ProtocolError as exc:
+        assert not str(exc).endswith(": "), "the error gives no reason"
         return
     assert isinstance(msg, (Reply, ErrorReply, Set, Delete, Get, Scan, Status, Ping, Sync,
                             Append, SnapshotChunk, Ack))
@@ -199,10 +199,14 @@ def test_random_bytes_raise_only_protocol_errors(payload: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64))
 def test_random_bytes_in_storage_helpers_raise_only_protocol_errors(payload: bytes) -> None:
-    with contextlib.suppress(ProtocolError):
+    try:
         assert isinstance(codec.unpack_entry(payload), Entry)
-    with contextlib.suppress(ProtocolError):
+    except ProtocolError as exc:
+        assert not str(exc).endswith(": "), "the error gives no reason"
+    try:
         codec.unpack_obj(payload)
+    except ProtocolError as exc:
+        assert not str(exc).endswith(": "), "the error gives no reason"
 
 
 _any_value = st.recursive(
@@ -226,12 +230,17 @@ _ops = st.sampled_from(["set", "delete", "get", "scan", "status", "ping", "sync"
 def test_random_maps_raise_only_protocol_errors(m: dict[str, Any], op: str | None) -> None:
     if op is not None:
         m["op"] = op
-    try:
-        codec.decode(raw(m), Limits(max_key=16, max_value=16))
-    except ProtocolError as exc:
-        rid = m.get("id")
-        if codec.request_id_of(exc) is not None:
-            assert codec.request_id_of(exc) == rid
+    for decode in (codec.decode, _decode_node_request):
+        try:
+            decode(raw(m), Limits(max_key=16, max_value=16))
+        except ProtocolError as exc:
+            rid = m.get("id")
+            if codec.request_id_of(exc) is not None:
+                assert codec.request_id_of(exc) == rid
+
+
+def _decode_node_request(payload: bytes, limits: Limits) -> Message:
+    return codec.decode_request(payload, limits, codec.NODE_REQUESTS)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +251,70 @@ def test_non_maps_and_truncated_msgpack_are_bad_frames(payload: bytes) -> None:
     with pytest.raises(BadFrame) as info:
         codec.decode(payload, LIMITS)
     assert codec.request_id_of(info.value) is None
+    assert not str(info.value).endswith(": "), "the error gives no reason"
+
+
+PING = b"\x82\xa2op\xa4ping\xa2id\x01"  # {"op": "ping", "id": 1}, then one more pair follows
+
+
+def _ping_with(extra_key: bytes, extra_value: bytes) -> bytes:
+    return b"\x83" + PING[1:] + extra_key + extra_value
+
+
+@pytest.mark.parametrize("value", [
+    b"\xca\x3f\x80\x00\x00",  # float32 1.0
+    b"\xcb" + bytes(8),  # float64 0.0
+    b"\xd4\x05\x00",  # fixext1 of application type 5
+    b"\xd6\xff\x00\x00\x00\x00",  # a valid timestamp (extension type -1)
+])
+def test_floats_and_extension_types_in_unknown_fields_are_ignored(value: bytes) -> None:
+    assert codec.decode(_ping_with(b"\xa1x", value), LIMITS) == Ping(1)
+
+
+@pytest.mark.parametrize("payload, why", [
+    (_ping_with(b"\xa1x", b"\xd4\xff\x00"), "invalid timestamp"),
+    (_ping_with(b"\x91\x01", b"\x01"), "a map key is an array or a map"),
+    (_ping_with(b"\x81\x01\x01", b"\x01"), "a map key is an array or a map"),
+    (b"\xc1", "byte 0xc1 starts no msgpack value"),
+    (PING + b"\x00", "bytes follow the first value"),
+])
+def test_undecodable_payloads_say_why(payload: bytes, why: str) -> None:
+    with pytest.raises(BadFrame, match=why):
+        codec.decode(payload, LIMITS)
+
+
+def test_nesting_is_limited_to_max_depth() -> None:
+    def nested(depth: int) -> bytes:  # the message map plus depth - 1 arrays
+        return _ping_with(b"\xa1x", b"\x91" * (depth - 1) + b"\x01")
+
+    assert codec.decode(nested(codec.MAX_DEPTH), LIMITS) == Ping(1)
+    with pytest.raises(BadFrame, match=f"nested more than {codec.MAX_DEPTH} deep"):
+        codec.decode(nested(codec.MAX_DEPTH + 1), LIMITS)
+
+
+@pytest.mark.parametrize("m, ops", [
+    ({"op": "append", "id": 5, "epoch": 1, "prev_index": 0, "prev_epoch": 0, "entries": [],
+      "commit": 0}, codec.NODE_REQUESTS),
+    ({"op": "snapshot", "id": 5}, codec.NODE_REQUESTS),  # refused before its fields count
+    ({"op": "ack", "id": 5, "epoch": 1, "index": 0}, codec.NODE_REQUESTS),
+    ({"id": 5, "ok": True}, codec.NODE_REQUESTS),
+    ({"id": 5, "ok": False, "code": "x", "message": "y"}, codec.NODE_REQUESTS),
+    ({"op": "sync", "id": 5, "node": "n2", "epoch": 1, "last_index": 0, "epochs": []},
+     codec.CLIENT_REQUESTS),
+])
+def test_a_message_that_is_not_a_request_served_is_refused_with_its_id(
+        m: dict[str, Any], ops: frozenset[str]) -> None:
+    with pytest.raises(BadRequest) as info:
+        codec.decode_request(raw(m), LIMITS, ops)
+    assert type(info.value) is BadRequest
+    assert codec.request_id_of(info.value) == 5
+
+
+def test_decode_request_decodes_the_requests_served() -> None:
+    for msg in [Set(1, "k", "v"), Delete(2, "k"), Get(3, "k"), Scan(4), Status(5), Ping(6)]:
+        assert codec.decode_request(codec.encode(msg), LIMITS, codec.CLIENT_REQUESTS) == msg
+    sync = Sync(7, "n2", 1, 0, ())
+    assert codec.decode_request(codec.encode(sync), LIMITS, codec.NODE_REQUESTS) == sync
 
 
 def test_trailing_bytes_after_a_map_are_a_bad_frame() -> None:

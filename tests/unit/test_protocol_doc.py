@@ -16,7 +16,9 @@ The worked examples in the document are hex dumps between markers::
 Each dump must be exactly what the codec produces for the message registered under NAME
 below, and must decode back to that message. Each breakdown must list the same bytes in
 the same order. The error code table and the limits table are checked against
-:mod:`cluster.errors` and :class:`cluster.config.Limits`.
+:mod:`cluster.errors` and :class:`cluster.config.Limits`; the table of decoder edge cases
+is fed to the decoder the servers use; the nesting limit, the fields of a slave's
+``repl_delay_ms`` and the half-close rule are checked against the code.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import pytest
 
 from cluster import errors
 from cluster.config import Limits
+from cluster.errors import ProtocolError
+from cluster.node.stats import DelayStats, bucket
 from cluster.types import Acks, Entry, Op
 from cluster.wire import codec
 from cluster.wire.framing import HEADER, FrameDecoder
-from cluster.wire.messages import Append, ErrorReply, Get, Message, Reply, Set
+from cluster.wire.messages import Append, ErrorReply, Get, Message, Ping, Reply, Set, Sync
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -104,7 +108,7 @@ def _table(doc: str, marker: str) -> list[list[str]]:
     assert m, f"no <!-- {marker} --> ... <!-- /{marker} --> section in {DOC}"
     rows = []
     for line in m.group(1).strip().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if all(set(c) <= set("-: ") for c in cells):
             continue  # the separator row
         rows.append(cells)
@@ -172,3 +176,82 @@ def test_every_client_op_has_a_section(doc: str) -> None:
         assert re.search(rf"^### `{op}`$", doc, re.MULTILINE), f"no section for {op!r}"
     for op in ("sync", "snapshot", "append", "ack"):
         assert re.search(rf"^### `{op}` \(", doc, re.MULTILINE), f"no section for {op!r}"
+
+
+# --- what the decoder accepts --------------------------------------------------------------------
+
+
+def _answer(payload: bytes, ops: frozenset[str]) -> str:
+    """What a server answers ``payload`` with, written as in the decoder-cases table."""
+    try:
+        codec.decode_request(payload, Limits(), ops)
+    except ProtocolError as exc:
+        return f"`{exc.code}`, id {codec.request_id_of(exc) or 0}"
+    return "accepted"
+
+
+def test_decoder_cases_are_what_the_servers_do(doc: str) -> None:
+    rows = _table(doc, "decoder-cases")
+    assert len(rows) >= 9
+    for payload, what, answer in rows:
+        data = _hex_bytes(payload.strip("`"), what)
+        assert _answer(data, codec.NODE_REQUESTS) == answer, f"node: {what}"
+        assert _answer(data, codec.CLIENT_REQUESTS) == answer, f"router: {what}"
+
+
+def test_the_router_refuses_sync(doc: str) -> None:
+    sync = codec.encode(Sync(5, "n2", 1, 0, ()))
+    assert _answer(sync, codec.CLIENT_REQUESTS) == "`bad_request`, id 5"
+    assert "also refuses `sync`" in doc
+
+
+def test_nesting_limit_is_the_codec_s(doc: str) -> None:
+    stated = {int(n) for n in re.findall(r"at most \*\*(\d+)\*\* levels deep", doc)}
+    stated |= {int(n) for n in re.findall(r"nested more than (\d+) deep", doc)}
+    stated |= {int(n) for n in re.findall(r"nests deeper than (\d+) levels", doc)}
+    assert stated == {codec.MAX_DEPTH}
+    ping = codec.encode(Ping(1))
+    inner = b"\x91" * (codec.MAX_DEPTH - 1) + b"\x01"  # the map is the first level
+    assert _answer(b"\x83" + ping[1:] + b"\xa1x" + inner, codec.NODE_REQUESTS) == "accepted"
+    assert _answer(b"\x83" + ping[1:] + b"\xa1x\x91" + inner,
+                   codec.NODE_REQUESTS) == "`bad_frame`, id 0"
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+def test_repl_delay_fields_are_what_a_slave_reports(doc: str) -> None:
+    rows = {r[0].strip("`"): r[1] for r in _table(doc, "repl-delay-fields")}
+    empty = DelayStats().summary()
+    assert set(rows) == set(empty)
+    stats = DelayStats()
+    for ms in (3, 150, 150, 12_000):
+        stats.add(ms)
+    for name, value in stats.summary().items():
+        kind = {"int": int, "array": list}[rows[name].removesuffix("\\|nil")]
+        assert isinstance(value, kind), name
+        if empty[name] is None:
+            assert rows[name].endswith("|nil"), f"{name} is nil while count is 0"
+    slave_table = doc.split("<!-- repl-delay-fields -->")[0].rsplit("A slave adds", 1)[1]
+    assert "`window`" not in slave_table
+
+
+def test_repl_delay_buckets_are_as_described(doc: str) -> None:
+    assert ("buckets are 1 ms\nwide below 100 ms, 10 ms wide below 1 s, 100 ms wide below 10 s, "
+            "then 1 s wide; the last\nbucket starts at 1 hour") in doc
+    assert [bucket(ms) for ms in (-5, 0, 99, 100, 109, 110, 999, 1000, 1099, 9999, 10_000,
+                                  10_999, 3_600_000, 9_000_000)] == [
+        0, 0, 99, 100, 100, 110, 990, 1000, 1000, 9900, 10_000, 10_000, 3_600_000, 3_600_000]
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+def test_half_close_is_described(doc: str) -> None:
+    section = doc.split("\n## 5. Connections")[1].split("\n## 6.")[0]
+    m = re.search(r"^\* \*\*Half-close\.\*\*(.*?)(?=^\* )", section, re.MULTILINE | re.DOTALL)
+    assert m, "section 5 has no Half-close item"
+    text = " ".join(m.group(1).split())
+    for words in ("shutdown(SHUT_WR)", "sends every reply it owes", "then end of file",
+                  "`bad_frame` error with id 0"):
+        assert words in text, words
