@@ -112,7 +112,7 @@ async def test_a_write_that_finds_the_master_down_logs_it_before_it_is_up_again(
     caplog.set_level(logging.INFO, "cluster.router.server")
     assert router.address is not None
     async with await Client.connect(router.address, timeout=5) as client:
-        assert await client.set("k", "v") == 1
+        assert (await client.set("k", "v")).index == 1
         master.probed.clear()
         await master.probed.wait()  # a probe just passed: the next is 1.5 s away
         await master.crash()
@@ -125,7 +125,7 @@ async def test_a_write_that_finds_the_master_down_logs_it_before_it_is_up_again(
         await master.start()  # on the same port
         await until(lambda: any("is up (master)" in line for line in lines(caplog)[down[0]:]),
                     "the router to find n1 up again")
-        assert await client.set("k", "x") == 1
+        assert (await client.set("k", "x")).index == 1
     for line in lines(caplog):
         assert not line.rstrip().endswith(":"), f"a log line with an empty reason: {line!r}"
 
