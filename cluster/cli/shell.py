@@ -12,7 +12,7 @@ from types import ModuleType
 import click
 
 from cluster.cli.common import fail, show_value
-from cluster.cli.context import Ctx, output_options
+from cluster.cli.context import DEBUG_OPTION, Ctx
 from cluster.cli.kv_cmd import format_items
 from cluster.cli.status_cmd import format_status, status_rows
 from cluster.client import Client
@@ -93,7 +93,7 @@ class ShellSession:
 
 
 @click.command()
-@output_options
+@DEBUG_OPTION
 @click.pass_obj
 def shell(ctx: Ctx) -> None:
     """An interactive prompt with line editing and history (commands from stdin when it is

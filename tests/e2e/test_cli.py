@@ -271,3 +271,34 @@ def test_demo_against_a_running_cluster(cluster: LocalCluster) -> None:
     out = replctl("demo", router=cluster.router_address, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "crash steps skipped" in out.stdout and "every node holds the same data" in out.stdout
+
+
+async def test_the_shell_outlives_the_router_and_reconnects(cluster: LocalCluster) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cluster.cli.ctl", "--router", str(cluster.router_address),
+        "shell", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    async def answer(line: str | None = None) -> str:
+        if line is not None:
+            proc.stdin.write(f"{line}\n".encode())
+            await proc.stdin.drain()
+        async with asyncio.timeout(20):
+            return (await proc.stdout.readline()).decode().rstrip("\n")
+
+    try:
+        assert (await answer()).startswith("connected to")
+        assert await answer("write a 1") == "OK index=1"
+        await cluster.kill("router")
+        assert (await answer("write b 2")).startswith("Error: ")  # its connection is gone
+        assert "cannot connect" in await answer("write c 3")  # no router yet: it says so
+        await cluster.start_child("router")
+        assert (await answer("write d 4")).startswith("OK index=")
+        proc.stdin.close()
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

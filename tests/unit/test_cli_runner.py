@@ -43,7 +43,7 @@ def closed_port() -> str:
 
 @pytest.mark.parametrize("args", [
     ["--debug", "read", "k"], ["read", "k", "--debug"],
-    ["--debug", "status"], ["status", "--debug"], ["health", "--debug"],
+    ["--debug", "status"], ["status", "--debug"], ["health", "--debug"], ["shell", "--debug"],
 ])
 def test_debug_before_or_after_the_command_shows_the_traceback(args: list[str],
                                                                closed_port: str) -> None:
