@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from cluster.config import Address, Limits
 from cluster.errors import (
+    BadFrame,
+    FrameTooLarge,
     NetworkError,
     ProtocolError,
     ReplError,
@@ -23,11 +25,13 @@ from cluster.errors import (
 )
 from cluster.net.stream import FramedStream
 from cluster.wire import codec
+from cluster.wire.framing import is_text_header
 from cluster.wire.messages import ErrorReply, Reply, Request
 
 log = logging.getLogger(__name__)
 
 ReplyCallback = Callable[[Reply | ErrorReply | ReplError], None]
+PREVIEW = 60  # bytes of a foreign peer's answer quoted in the error
 
 
 def _deliver(callback: ReplyCallback, result: Reply | ErrorReply | ReplError) -> None:
@@ -44,6 +48,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, ReplyCallback] = {}
         self._closed: ReplError | None = None
+        self._heard = False  # a valid reply arrived: the peer speaks the protocol
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -99,7 +104,14 @@ class Connection:
         try:
             async for payloads in self._stream.read_payloads():
                 for payload in payloads:
-                    msg = codec.decode(payload, self._stream.limits)
+                    try:
+                        msg = codec.decode(payload, self._stream.limits)
+                    except BadFrame as exc:
+                        foreign = self._foreign(exc, payload)
+                        if foreign is None:
+                            raise
+                        raise foreign from exc
+                    self._heard = True
                     if not isinstance(msg, Reply | ErrorReply):
                         raise ProtocolError(f"{self.address} sent {type(msg).__name__}, "
                                             "not a reply")
@@ -109,6 +121,8 @@ class Connection:
                     callback = self._pending.pop(msg.id, None)
                     if callback is not None:
                         _deliver(callback, msg)
+        except FrameTooLarge as exc:
+            error = self._foreign(exc, self._stream.held(PREVIEW + 1)) or exc
         except ReplError as exc:
             error = exc
         except (OSError, ConnectionError) as exc:
@@ -116,6 +130,18 @@ class Connection:
         finally:
             self._fail_all(error)
             self._stream.writer.close()
+
+    def _foreign(self, exc: ProtocolError, data: bytes) -> ProtocolError | None:
+        """For bytes that are not a replkv frame, from ``data`` on: when they are the first
+        thing the peer answered (and, for a frame too large, read as text), the peer speaks
+        another protocol, and the error says so instead of quoting a nonsense length.
+        None when the peer may well speak replkv."""
+        if self._heard or (isinstance(exc, FrameTooLarge) and not is_text_header(data)):
+            return None
+        line = data[:PREVIEW + 1].split(b"\n", 1)[0].rstrip(b"\r")
+        shown = repr(line[:PREVIEW])[1:] + ("..." if len(line) > PREVIEW else "")
+        return ProtocolError(f"{self.address} does not speak the replkv protocol "
+                             f"(it answered {shown})")
 
     def _fail_all(self, error: ReplError) -> None:
         self._closed = error

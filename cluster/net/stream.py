@@ -133,6 +133,10 @@ class FramedStream:
             self._frames.extend(self._decoder.feed(data))
         return codec.decode(self._frames.pop(0), self.limits)
 
+    def held(self, n: int) -> bytes:
+        """The first ``n`` bytes read but not returned as a frame (for error messages)."""
+        return self._decoder.held(n)
+
     def take_buffered(self) -> list[bytes]:
         """Frames already read by :meth:`read_message` but not yet returned."""
         frames, self._frames = self._frames, []

@@ -208,7 +208,8 @@ class Router:
                 return
             if isinstance(reply, ErrorReply):
                 if reply.code in (Behind.code, NotMaster.code) and isinstance(msg, Get | Scan):
-                    self._retry_or_fail(msg, node, client, tried, reply.message, sent=True)
+                    self._retry_or_fail(msg, node, client, tried, reply.message, sent=True,
+                                        behind=reply.code == Behind.code)
                     return
                 client.finished(dataclasses.replace(reply, id=msg.id))
                 return
@@ -220,10 +221,18 @@ class Router:
         conn.send_frame(rid, codec.frame_with_id(msg, rid), done)
 
     def _retry_or_fail(self, msg: Request, node: NodeId, client: _Client,
-                       tried: frozenset[NodeId], why: str, *, sent: bool) -> None:
+                       tried: frozenset[NodeId], why: str, *, sent: bool,
+                       behind: bool = False) -> None:
         tried = tried | {node}
         if isinstance(msg, Get | Scan) and len(tried) < len(self.config.cluster):
             self._read(msg, client, tried)
+            return
+        if behind and isinstance(msg, Get | Scan):
+            # no node failed: the read asked for an index no node has applied yet, so the
+            # client gets `behind` (wait for replication and retry), not `unavailable`
+            client.finished(ErrorReply(msg.id, Behind.code,
+                                       f"no node has applied index {msg.min_index} yet "
+                                       f"(last asked: {why}); retry once it is replicated"))
             return
         if isinstance(msg, Set | Delete):
             what = ("the write may or may not have been applied" if sent

@@ -18,6 +18,14 @@ def encode_frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
+def is_text_header(data: bytes) -> bool:
+    """Whether the first bytes of a frame read as text rather than as a length: the answer
+    of a peer that speaks a text protocol (HTTP, SSH, SMTP, Redis...), whose "length"
+    would be over 150 MB."""
+    header = data[:HEADER_SIZE]
+    return len(header) == HEADER_SIZE and all(32 <= b < 127 or b in b"\t\r\n" for b in header)
+
+
 class FrameDecoder:
     def __init__(self, max_frame: int) -> None:
         self._max_frame = max_frame
@@ -28,6 +36,10 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held that do not yet make a complete frame."""
         return len(self._buffer)
+
+    def held(self, n: int) -> bytes:
+        """The first ``n`` bytes held (after an error, from the rejected header on)."""
+        return bytes(self._buffer[:n])
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add ``data`` and return every payload it completes, in order.
