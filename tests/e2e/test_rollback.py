@@ -7,23 +7,24 @@ cluster/storage/store.py ``truncate_after`` and ``wipe``).
 The scenarios put slaves at different points on purpose: n2 holds every lost entry, n3
 exactly one (the off-by-one case: its ``match`` is its ``last_index - 1``), n4 none.
 
-How these tests were checked to catch a broken rollback (each mutation applied in a work
-tree, the module run, the failure seen, the mutation reverted):
+How these tests were checked to catch a broken rollback (each mutation applied to
+cluster/node/slave.py ``SlaveRole._session`` in a work tree, this module run, the failures
+seen, the mutation reverted):
 
-1. ``match < store.log.last_index`` in ``SlaveRole._session`` changed to
-   ``match < store.log.last_index - 1``: n3 keeps its lost entry. Without a snapshot to
-   follow it never converges (the master's appends do not continue its log); with one
-   (the snapshot tests) no rollback file is written. Caught by both
-   ``test_slaves_roll_back_what_the_restarted_master_lost`` cases and
+1. ``match < store.log.last_index`` changed to ``match < store.log.last_index - 1``: n3
+   keeps its one lost entry. Without a snapshot to follow it never converges (the master's
+   appends do not continue its log); with one, no rollback file is written. Fails both
+   cases of ``test_slaves_roll_back_what_the_restarted_master_lost`` and
    ``test_a_rollback_meets_a_snapshot_install``.
 2. ``os._exit(99)`` inside the truncation branch: the slaves die at the handshake and never
-   converge. Caught by the same tests.
+   converge. Fails all four tests that are not xfails.
 3. ``self.core.durable = store.log.last_index`` dropped after the cut: the slave's ack is
    ``min(durable, applied)`` with a stale ``durable``, so the new master's entries at the
    lost indexes are acknowledged before they are fsynced. The first test holds n2's fsyncs
    back (``fsync_gate``: a sitecustomize in the node processes) and watches the master's
-   view of n2's ack; both of its cases catch it. The snapshot tests cannot: installing the
-   snapshot sets ``durable`` itself, so on that path the line is redundant.
+   view of n2's ack; both of its cases fail. The snapshot tests cannot see it, and need
+   not: installing the snapshot sets ``durable`` itself, so on that path the line is
+   redundant.
 
 ``test_a_read_token_compares_indexes_only`` and
 ``test_rollback_keeps_the_lost_entries_that_were_only_in_the_slaves_snapshot`` are strict
@@ -333,7 +334,12 @@ async def test_a_rollback_meets_a_snapshot_install(make_cluster: MakeCluster) ->
     """A slave whose log holds lost entries and whose next entry the master has compacted:
     the handshake answers ``match`` (the last common entry) with ``snapshot: true``. The
     slave cuts its log after ``match`` (rollback file: exactly the lost entries), then
-    installs the master's snapshot, which replaces its state, and takes the tail."""
+    installs the master's snapshot, which replaces its state, and takes the tail.
+
+    The compaction has to happen in the new epoch, with the diverged slaves down: a cut of
+    the master's log can only remove entries after its own snapshot, and a slave that was
+    merely behind before the cut holds no lost entries, so it would install a snapshot
+    without cutting anything (n4 here does exactly that)."""
     lost = 3
     cl = await make_cluster(["--snapshot-every", str(SNAPSHOT_EVERY)])
     base, old_epoch = await diverge(cl, lost)
