@@ -43,9 +43,10 @@ from typing import Any
 import pytest
 
 from cluster.client import Client
-from cluster.errors import Behind
+from cluster.errors import Behind, WriteLost
 from cluster.local import LocalCluster
 from cluster.storage.records import RECORD_HEADER, Damage, iter_records
+from cluster.storage.snapshot import read_snapshot
 from cluster.storage.wal import MAGIC, WAL, Segment
 from cluster.types import Acks, Entry, Op
 from cluster.wire import codec
@@ -144,9 +145,11 @@ async def status(cl: LocalCluster, node: str) -> dict[str, Any]:
     return await node_status(cl.addresses[node])
 
 
-def rollback_files(cl: LocalCluster, node: str) -> list[Path]:
+def rollback_files(cl: LocalCluster, node: str, pattern: str = "*.wal") -> list[Path]:
+    """The node's rollback files: cut entries (``*.wal``) or kept snapshots
+    (``snapshot-*``)."""
     folder = cl.data_dir / node / "rollback"
-    return sorted(folder.iterdir()) if folder.exists() else []
+    return sorted(folder.glob(pattern)) if folder.exists() else []
 
 
 def log_text(cl: LocalCluster, node: str) -> str:
@@ -163,9 +166,9 @@ async def write_ops(c: Client, ops: list[tuple[Op, str, str | None]], acks: Acks
     for op, key, value in ops:
         if op is Op.SET:
             assert value is not None
-            out.append(await c.set(key, value, acks))
+            out.append((await c.set(key, value, acks)).index)
         else:
-            out.append(await c.delete(key, acks))
+            out.append((await c.delete(key, acks)).index)
     return out
 
 
@@ -174,7 +177,7 @@ async def diverge(cl: LocalCluster, lost: int) -> tuple[int, int]:
     all of and n3 only the first of (n4 is killed first, n3 after the first); n3 and n4 are
     left down. Returns (index of the last BASE entry, the master's epoch)."""
     async with await Client.connect(cl.addresses["n1"]) as c:
-        indexes = [await c.set(k, v, Acks.MAJORITY) for k, v in BASE.items()]
+        indexes = [(await c.set(k, v, Acks.MAJORITY)).index for k, v in BASE.items()]
         base = indexes[-1]
         for n in SLAVES:
             await wait_applied(cl, n, base)
@@ -268,7 +271,7 @@ async def test_slaves_roll_back_what_the_restarted_master_lost(
     await cl.start_child("n3")
     await cl.start_child("n4")
     async with await Client.connect(cl.addresses["n1"]) as c:
-        first_new = await c.set("new0", "after", Acks.ASYNC)
+        first_new = (await c.set("new0", "after", Acks.ASYNC)).index
         assert first_new == base + 1  # the new epoch reuses the lost index
         await wait_applied(cl, "n2", first_new)
         n2 = await status(cl, "n2")
@@ -394,7 +397,7 @@ async def diverge_inside_a_snapshot(cl: LocalCluster) -> tuple[int, list[Entry],
         # one write at a time, each waiting for n2's snapshot of it, so that every write
         # finds no snapshot of n2 in progress and starts the next one
         for k, v in BASE.items():
-            index = await c.set(k, v, Acks.MAJORITY)
+            index = (await c.set(k, v, Acks.MAJORITY)).index
             await n2_snapshot_at(index)
         base = index
         await cl.kill("n3")
@@ -436,18 +439,25 @@ async def test_a_slave_whose_snapshot_holds_lost_entries_starts_over_from_the_ma
     assert all(rollback_files(cl, n) == [] for n in ("n1", "n3", "n4"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Store.wipe (cluster/storage/store.py), used when the sync match is below the slave's "
-    "own snapshot, keeps only the entries still in the slave's log (log.base+1..last) in "
-    "DATA/rollback/ and deletes the snapshot: lost entries between match+1 and log.base, "
-    "which exist only in that snapshot, are discarded without a rollback copy."))
 async def test_rollback_keeps_the_lost_entries_that_were_only_in_the_slaves_snapshot(
         make_cluster: MakeCluster) -> None:
+    """Lost entries that a slave had already compacted into its own snapshot exist only as
+    the map they produced: the wipe keeps that snapshot in rollback/, next to the entries
+    its log still held, so nothing lost is discarded silently."""
     cl = await make_cluster(["--snapshot-every", str(SNAPSHOT_EVERY)])
-    _, cut, _ = await diverge_inside_a_snapshot(cl)
+    base, cut, new_epoch = await diverge_inside_a_snapshot(cl)
     await wait_for(lambda: _has_converged(cl, "n2"), "n2 to resync")
     kept = [e for path in rollback_files(cl, "n2") for e in read_log_file(path)]
-    assert kept == cut, f"lost {[e.index for e in cut]}, kept {[e.index for e in kept]}"
+    assert all(e in cut for e in kept), kept
+    (snap,) = rollback_files(cl, "n2", "snapshot-*")
+    meta, data = read_snapshot(snap)
+    # the snapshot covers every lost entry the rollback log does not hold
+    only_in_snapshot = [e for e in cut if e not in kept]
+    assert only_in_snapshot and meta.index >= only_in_snapshot[-1].index > base
+    assert snap.name == f"snapshot-{meta.index}-e{new_epoch}"  # named like the .wal files
+    assert data["base0"] == "overwritten" and "base1" not in data  # the lost ops' effect
+    assert all(snap_ == [] for snap_ in (rollback_files(cl, n, "snapshot-*")
+                                         for n in ("n1", "n3", "n4")))
 
 
 async def _has_converged(cl: LocalCluster, node: str) -> bool:
@@ -458,42 +468,48 @@ async def _has_converged(cl: LocalCluster, node: str) -> bool:
 # --- c: read-your-writes tokens across a rollback ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "read tokens compare indexes only: a slave that still holds the old epoch's entry N "
-    "(lost by the master) serves a read with min_index=N taken from the new master's "
-    "entry N, returning the rolled-back value instead of refusing with Behind. Fix: make "
-    "the token (epoch, index)."))
-async def test_a_read_token_compares_indexes_only(make_cluster: MakeCluster) -> None:
+async def test_read_tokens_name_an_entry_of_one_history(make_cluster: MakeCluster) -> None:
+    """A read token is (epoch, index). A slave that still holds the old epoch's entry N (the
+    master lost it) must not serve a read that needs the new master's entry N, and the
+    token of the lost write is refused everywhere once the history is known: it can never
+    be satisfied."""
     cl = await make_cluster()
     async with await Client.connect(cl.addresses["n1"]) as c:
         for k, v in BASE.items():
             await c.set(k, v, Acks.MAJORITY)
-        lost_index = await c.set("mine", "lost", Acks.MAJORITY)
+        lost = await c.set("mine", "lost", Acks.MAJORITY)
     for n in SLAVES:
-        await wait_applied(cl, n, lost_index)
+        await wait_applied(cl, n, lost)
 
     # n3 holds the entry the master is about to lose; it is paused so it cannot resync
     cl.signal("n3", signal.SIGSTOP)
     try:
         await cl.kill("n1")
-        cut = cut_wal(cl.data_dir / "n1", lost_index - 1, torn=False)
+        cut = cut_wal(cl.data_dir / "n1", lost.index - 1, torn=False)
         assert [(e.key, e.value) for e in cut] == [("mine", "lost")]
         await cl.start_child("n1")
         await wait_for(lambda: _has_quorum(cl), "n2 and n4 to resync with the new master")
         async with await Client.connect(cl.addresses["n1"]) as c:
             token = await c.set("mine", "new", Acks.MAJORITY)
-        assert token == lost_index  # same index, new epoch
+        assert token.index == lost.index and token.epoch > lost.epoch  # same index, new epoch
         # the master is paused too: n3 reconnects but cannot finish a handshake
         cl.signal("n1", signal.SIGSTOP)
         cl.signal("n3", signal.SIGCONT)
         async with await Client.connect(cl.addresses["n3"]) as direct:
-            try:
-                result = await direct.get("mine", min_index=token)
-            except Behind:
-                return  # n3 has not got the new entry `token` and says so
-            assert result.value == "new", (
-                f"n3 served {result.value!r} for a read that needs the new master's entry "
-                f"{token}")
+            with pytest.raises(Behind):  # n3 holds (old epoch, N), not the token's entry
+                await direct.get("mine", min_index=token)
+            with pytest.raises(Behind):  # out of sync, it cannot vouch for the lost one
+                await direct.get("mine", min_index=lost)
+            assert (await direct.get("mine")).value == "lost"  # a plain read may be stale
     finally:
         cl.signal("n3", signal.SIGCONT)
         cl.signal("n1", signal.SIGCONT)
+    await wait_applied(cl, "n3", token)
+    for n in cl.node_ids:
+        async with await Client.connect(cl.addresses[n]) as direct:
+            assert (await direct.get("mine", min_index=token)).value == "new"
+            with pytest.raises(WriteLost):
+                await direct.get("mine", min_index=lost)
+    async with await Client.connect(cl.router_address) as c:
+        with pytest.raises(WriteLost, match=f"index {lost.index} in epoch {lost.epoch}"):
+            await c.get("mine", min_index=lost)

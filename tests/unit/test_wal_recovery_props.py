@@ -28,6 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluster.core.state import Replica, snapshot_point
 from cluster.errors import CorruptLog
 from cluster.storage.records import RECORD_HEADER, Damage, encode_record, iter_records
 from cluster.storage.snapshot import MAGIC as SNAPSHOT_MAGIC
@@ -233,14 +234,15 @@ def test_a_flip_in_any_record_but_the_last_is_always_corruption(
 
 
 def _store_with_snapshot(d: Path, entries: list[Entry]) -> None:
-    store = Store.open(d, "n1")
+    store, rec = Store.open(d, "n1")
     try:
         store.append(entries)
         store.sync()
+        replica = Replica.recovered(rec)
         for e in entries:
-            store.log.append(e)
-            store.kv.apply(e)
-        job = store.begin_snapshot()
+            replica.log.append(e)
+            replica.kv.apply(e)
+        job = store.begin_snapshot(*snapshot_point(replica.log, replica.kv))
         store.write_snapshot(job)
         store.finish_snapshot(job)
         store.set_epoch(entries[-1].epoch)
@@ -254,7 +256,7 @@ def test_a_flipped_bit_in_the_snapshot_or_meta_file_is_a_clear_corruption_error(
         entries: list[Entry], name: str, data: st.DataObject) -> None:
     with fresh_dir() as d:
         _store_with_snapshot(d, entries)
-        reopened = Store.open(d, "n1")  # the undamaged store opens and holds everything
+        reopened, _ = Store.open(d, "n1")  # the undamaged store opens and holds everything
         try:
             assert reopened.snapshot_index == entries[-1].index
         finally:
