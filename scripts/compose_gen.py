@@ -161,8 +161,11 @@ def main(argv: list[str]) -> int:
     except ValueError:
         slaves = 0
     if not 1 <= slaves <= MAX_SLAVES:
-        print(f"compose_gen.py: error: N must be a whole number from 1 to {MAX_SLAVES}, "
-              f"not {argv[0]!r}", file=sys.stderr)
+        print(
+            f"compose_gen.py: error: N must be a whole number from 1 to {MAX_SLAVES}, "
+            f"not {argv[0]!r}",
+            file=sys.stderr,
+        )
         return 2
     sys.stdout.write(render(slaves))
     return 0

@@ -259,8 +259,11 @@ def test_generated_file_for_another_number_of_slaves(tmp_path: Path, slaves: int
         assert dict(item.split("=", 1) for item in cluster.split(",")) == members, name
         assert svc["restart"] == "on-failure:5", name
         if name != "router":
-            volumes.add(svc["volumes"][0]["source"] if isinstance(svc["volumes"][0], dict)
-                        else svc["volumes"][0].split(":")[0])
+            volumes.add(
+                svc["volumes"][0]["source"]
+                if isinstance(svc["volumes"][0], dict)
+                else svc["volumes"][0].split(":")[0]
+            )
     assert len(volumes) == slaves + 1, "each node needs its own volume"
     assert set(services["router"]["depends_on"]) == {"master", *slave_names}
 
