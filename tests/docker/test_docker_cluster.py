@@ -16,13 +16,23 @@ import json
 import os
 import shutil
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.docker.conftest import OUR_LABEL, REPO, WHEELHOUSE, Leftovers, doc_block, run
+from tests.docker.conftest import (
+    OUR_LABEL,
+    REPO,
+    WHEELHOUSE,
+    Leftovers,
+    doc_block,
+    free_port,
+    replctl_command,
+    run,
+)
 
 # The first test also pays for the session's setup (apt-get, debootstrap, the image build and
 # `up`), so it gets far more than the suite's default pytest-timeout; every wait inside has its
@@ -305,6 +315,43 @@ def test_down_then_up_keeps_the_data(cluster: Any) -> None:
         assert missing_on(cluster, service) == {}
     for key in ("first-001", "after-master-back"):
         assert cluster.ctl("read", key, check=True).stdout.strip() == cluster.acked[key]
+
+
+def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Path) -> None:
+    """`scripts/compose_gen.py 5` (docs/DOCKER.md, "Another number of slaves") on the image the
+    walk-through built: six nodes that all see each other and all apply a write."""
+    path = tmp_path / "docker-compose.five.yml"
+    path.write_text(run([sys.executable, REPO / "scripts" / "compose_gen.py", "5"]).stdout)
+    port = free_port()
+    env = dict(cluster.env, REPL_ROUTER_PORT=str(port))
+    compose = ["docker-compose", "-f", path, "-p", f"{cluster.project}five", "--ansi", "never"]
+    ctl = [*replctl_command(), "--router", f"127.0.0.1:{port}"]
+    nodes = {f"n{i}" for i in range(1, 7)}
+
+    def status() -> dict[str, Any]:
+        proc = run([*ctl, "status", "--json"], env=env, timeout=30, check=False)
+        if proc.returncode != 0:
+            return {}
+        return {n["id"]: n for n in json.loads(proc.stdout)["nodes"]}
+
+    try:
+        run([*compose, "up", "-d", "--no-build"], env=env, timeout=300)
+        cluster.wait_for(
+            "six nodes up behind the router",
+            lambda: set(status()) == nodes and all(n["up"] for n in status().values()),
+            timeout=120,
+            describe=lambda: str(status()),
+        )
+        wrote = run([*ctl, "write", "five-slaves", "yes"], env=env, timeout=30)
+        index = int(wrote.stdout.split("index=")[1])
+        cluster.wait_for(
+            f"every node to apply {index}",
+            lambda: all(n.get("applied_index", -1) >= index for n in status().values()),
+            timeout=60,
+            describe=lambda: str(status()),
+        )
+    finally:
+        run([*compose, "down", "-v", "--timeout", "5"], env=env, timeout=300, check=False)
 
 
 def test_failed_build_leaves_no_container_and_prune_removes_its_image(
