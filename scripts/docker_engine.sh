@@ -7,6 +7,10 @@
 #   scripts/docker_engine.sh start        [DIR]  install, save the host firewall, start dockerd
 #   scripts/docker_engine.sh base-image   [DIR]  build local/base:latest offline with debootstrap
 #                                                (Debian bookworm + python3); skipped if present
+#   scripts/docker_engine.sh wheelhouse   [DIR]  make .wheelhouse/ in the repository: wheels of
+#                                                replkv's dependencies and build backend for the
+#                                                base image's Python (asked of the image), so the
+#                                                image build needs no network
 #   scripts/docker_engine.sh env          [DIR]  print `export DOCKER_HOST=unix://DIR/docker.sock`
 #   scripts/docker_engine.sh stop         [DIR]  stop dockerd by the PID in its pidfile, then put
 #                                                back the firewall, ip forwarding and links
@@ -18,11 +22,12 @@
 # Every subcommand is idempotent. The daemon is only ever stopped through its own pidfile.
 #
 # Environment: REPL_BASE_IMAGE (default local/base:latest), REPL_DEBIAN_MIRROR (default: the
-# host's apt mirror, else http://deb.debian.org/debian), REPL_DEBIAN_SUITE (default bookworm).
+# host's apt mirror, else http://deb.debian.org/debian), REPL_DEBIAN_SUITE (default bookworm),
+# PYTHON (the host's Python whose pip makes the wheelhouse; default python3).
 set -euo pipefail
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -340,10 +345,53 @@ base_image() {
     say "$base_image ready"
 }
 
+# ---------------------------------------------------------------------------------------------
+# wheels for an offline image build
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+wheelhouse() {
+    answers || die "no engine at $DOCKER_HOST: run '$0 start' first"
+    docker image inspect "$base_image" >/dev/null 2>&1 ||
+        die "no image $base_image: run '$0 base-image' first (or set REPL_BASE_IMAGE)"
+    local py=${PYTHON:-python3}
+    "$py" -m pip --version >/dev/null 2>&1 ||
+        die "'$py -m pip' does not run: install pip for it (apt-get install python3-pip) or set PYTHON"
+    # The wheels must suit the Python of the image, not the host's: ask the image.
+    local version machine
+    read -r version machine < <(docker run --rm "$base_image" python3 -c \
+        'import platform, sys; print("%d.%d" % sys.version_info[:2], platform.machine())') ||
+        die "could not run python3 in $base_image"
+    local out="$repo/.wheelhouse"
+    say "wheels for CPython $version on $machine ($base_image) in $out"
+    # What the image's `pip install .` needs besides the source: replkv's dependencies and its
+    # build backend, as pyproject.toml names them. replkv itself is built from the source in
+    # the image, so the wheelhouse never holds a stale copy of it.
+    local reqs=()
+    mapfile -t reqs < <("$py" -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    meta = tomllib.load(f)
+print("\n".join(meta["build-system"]["requires"] + meta["project"]["dependencies"]))
+' "$repo/pyproject.toml") || die "could not read the requirements from pyproject.toml (needs Python >= 3.11)"
+    [ ${#reqs[@]} -gt 0 ] || die "pyproject.toml names no requirements"
+    rm -rf "$out"
+    mkdir -p "$out"
+    local platforms=() tag
+    for tag in manylinux_2_36 manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 linux; do
+        platforms+=(--platform "${tag}_$machine")
+    done
+    "$py" -m pip --disable-pip-version-check download -q --only-binary=:all: \
+        --implementation cp --python-version "$version" "${platforms[@]}" -d "$out" "${reqs[@]}" ||
+        die "pip download of ${reqs[*]} for CPython $version failed"
+    say "$(cd "$out" && ls *.whl | tr '\n' ' ')"
+}
+
 case "$cmd" in
     install) install_missing ;;
     start) start ;;
     base-image|base_image) base_image ;;
+    wheelhouse) wheelhouse ;;
     stop) stop ;;
     purge) stop; rm -rf "$dir"; say "removed $dir" ;;
     env) echo "export DOCKER_HOST=unix://$sock" ;;

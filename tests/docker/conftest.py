@@ -3,8 +3,10 @@
 The engine is the one `scripts/docker_engine.sh` starts (own data-root, socket and pidfile under
 $REPL_DOCKER_DIR, default /tmp/replkv-docker); it is stopped by its PID at the end of the session
 and the host firewall is checked to be what it was. No image can be pulled on the machines this
-runs on, so the base image is built offline with debootstrap and the project is installed in the
-image from wheels made on the host (`.wheelhouse/` in the build context, see the Dockerfile).
+runs on: the cluster is brought up by running the offline walk-through of docs/DOCKER.md as
+written (engine, base image by debootstrap, wheelhouse for the image's Python, build, up), with
+only a project name, image tag and router port of the test's own in the environment; at the end
+the page's clean-up block takes it all down.
 
 Without root, and outside CI, these tests skip. With CI set they never skip: a missing engine
 is a failure.
@@ -14,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -198,6 +200,10 @@ class Cluster:
     env: dict[str, str]
     # What the tests wrote and were told succeeded: key -> value. Nothing here may be lost.
     acked: dict[str, str] = field(default_factory=dict)
+    # Dangling images and stopped containers on the engine before the tier's builds, and what
+    # those builds printed (naming every image and container they made).
+    leftovers_before: Leftovers | None = None
+    build_output: str = ""
     services = SERVICES
     node_services = NODE_SERVICES
     node_port = NODE_PORT
@@ -283,98 +289,136 @@ class Cluster:
         )
 
 
-def build_wheelhouse(engine: Engine) -> None:
-    """Wheels for replkv and its dependencies, for the base image's Python, in .wheelhouse/."""
-    shutil.rmtree(WHEELHOUSE, ignore_errors=True)
-    WHEELHOUSE.mkdir()
-    py = engine.docker(
-        "run",
-        "--rm",
-        BASE_IMAGE,
-        "python3",
-        "-c",
-        "import sys, platform; print('%d.%d' % sys.version_info[:2], platform.machine())",
-        timeout=60,
-    ).stdout.split()
-    version, machine = py[0], py[1]
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    # Build from a copy of what the image needs, so no build/ or *.egg-info lands in the repo.
-    with tempfile.TemporaryDirectory(prefix="replkv-src-") as tmp:
-        src = Path(tmp)
-        for name in ("pyproject.toml", "README.md"):
-            shutil.copy2(REPO / name, src / name)
-        shutil.copytree(
-            REPO / "cluster", src / "cluster", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+DOCKER_DOC = REPO / "docs" / "DOCKER.md"
+OUR_LABEL = "org.opencontainers.image.title=replkv"
+
+
+def doc_block(marker: str) -> str:
+    """The fenced block that follows `<!-- marker...-->` in docs/DOCKER.md, as written."""
+    lines = DOCKER_DOC.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(f"<!-- {marker}")), None)
+    assert start is not None, f"docs/DOCKER.md has no <!-- {marker} --> block"
+    assert lines[start + 1].startswith("```"), f"no fenced block right after <!-- {marker} -->"
+    end = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("```"))
+    return "\n".join(lines[start + 2 : end]) + "\n"
+
+
+def run_doc_block(marker: str, env: dict[str, str], timeout: float) -> str:
+    """Run a block of docs/DOCKER.md with bash, stopping at its first failing line; its output."""
+    block = doc_block(marker)
+    log(f"running the {marker} block of docs/DOCKER.md")
+    proc = run(["bash", "-e", "-x", "-c", block], env=env, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"the {marker} block of docs/DOCKER.md failed (exit {proc.returncode}):\n{block}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
         )
-        run([*pip, "wheel", "-q", "--no-deps", "-w", WHEELHOUSE, src], timeout=300)
-    wheels = sorted(WHEELHOUSE.glob("replkv-*.whl"))
-    assert wheels, "pip wheel made no replkv wheel"
-    platforms: list[str] = []
-    for tag in (
-        "manylinux_2_36",
-        "manylinux_2_28",
-        "manylinux_2_17",
-        "manylinux2014",
-        "manylinux_2_5",
-        "linux",
-    ):
-        platforms += ["--platform", f"{tag}_{machine}"]
-    run(
-        [
-            *pip,
-            "download",
-            "-q",
-            "--only-binary=:all:",
-            "--python-version",
-            version,
-            "--implementation",
-            "cp",
-            *platforms,
-            "-d",
-            WHEELHOUSE,
-            wheels[0],
-        ],
-        timeout=300,
-    )
+    return proc.stdout + proc.stderr
+
+
+# What the classic builder prints for each step's image and container: how a build's leftovers
+# are told from those of another session's builds on a shared engine.
+BUILD_IDS = re.compile(r"(?:---> |Running in )([0-9a-f]{12})\b")
+
+
+@dataclass
+class Leftovers:
+    """Dangling images and stopped containers of no compose project, to compare over time."""
+
+    dangling: set[str]
+    stopped: set[str]
+
+    @classmethod
+    def now(cls, engine: Engine) -> Leftovers:
+        images = engine.docker("images", "-q", "--no-trunc", "--filter", "dangling=true").stdout
+        images = images.replace("sha256:", "")
+        stopped = set()
+        for status in ("exited", "created", "dead"):
+            out = engine.docker(
+                "ps", "-a", "--no-trunc", "--filter", f"status={status}",
+                "--format", '{{.ID}} {{.Label "com.docker.compose.project"}}',
+            ).stdout  # fmt: skip
+            for line in out.splitlines():
+                cid, _, project = line.partition(" ")
+                if not project.strip():  # a cluster's stopped nodes are not build leftovers
+                    stopped.add(cid)
+        return cls(set(images.split()), stopped)
+
+    def new_since(self, before: Leftovers) -> Leftovers:
+        return Leftovers(self.dangling - before.dangling, self.stopped - before.stopped)
+
+    def made_by(self, build_output: str) -> Leftovers:
+        """Only what those builds made (their output names each step's image and container)."""
+        ids = set(BUILD_IDS.findall(build_output))
+        return Leftovers(
+            {i for i in self.dangling if i[:12] in ids}, {c for c in self.stopped if c[:12] in ids}
+        )
+
+    def describe(self, engine: Engine) -> str:
+        fmt_image = "image {{.Id}} {{.Config.Labels}}"
+        fmt_container = "container {{.Id}} {{.Name}} {{.State.Status}} {{.Config.Cmd}}"
+        out = [
+            engine.docker("inspect", "--format", fmt_image, i, check=False).stdout.strip()
+            for i in sorted(self.dangling)
+        ]
+        out += [
+            engine.docker("inspect", "--format", fmt_container, c, check=False).stdout.strip()
+            for c in sorted(self.stopped)
+        ]
+        return "\n".join(out) or "nothing"
 
 
 @pytest.fixture(scope="module")
 def cluster(docker_engine: Engine) -> Iterator[Cluster]:
-    assert shutil.which("docker-compose"), "docker-compose missing after the engine's install step"
     project = f"replkvtest{uuid.uuid4().hex[:8]}"
     image = f"replkv-test:{project}"
+    port = free_port()
+    # The walk-through as a user runs it: the page sets REPL_BASE_IMAGE, DOCKER_BUILDKIT and
+    # COMPOSE_DOCKER_CLI_BUILD itself, and runs this checkout's python3 (the venv's, with pip).
+    walk_env = {
+        k: v
+        for k, v in docker_engine.env.items()
+        if k
+        not in {"DOCKER_HOST", "REPL_BASE_IMAGE", "DOCKER_BUILDKIT", "COMPOSE_DOCKER_CLI_BUILD"}
+    }
+    walk_env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        REPL_DOCKER_DIR=str(docker_engine.dir),
+        COMPOSE_PROJECT_NAME=project,
+        REPL_IMAGE=image,
+        REPL_ROUTER_PORT=str(port),
+    )
     env = dict(
         docker_engine.env,
+        COMPOSE_PROJECT_NAME=project,
         REPL_IMAGE=image,
         REPL_BASE_IMAGE=BASE_IMAGE,
-        REPL_ROUTER_PORT=str(free_port()),
+        REPL_ROUTER_PORT=str(port),
         DOCKER_BUILDKIT="0",
         COMPOSE_DOCKER_CLI_BUILD="0",
     )
-    c = Cluster(docker_engine, project, image, int(env["REPL_ROUTER_PORT"]), env)
+    c = Cluster(docker_engine, project, image, port, env)
     timings = docker_engine.timings
-    made_wheelhouse = not WHEELHOUSE.exists()
+    had_wheelhouse = WHEELHOUSE.exists()
+    c.leftovers_before = Leftovers.now(docker_engine)
     try:
         t = time.monotonic()
-        build_wheelhouse(docker_engine)
-        timings["wheelhouse"] = time.monotonic() - t
+        c.build_output += run_doc_block("offline-walkthrough", walk_env, timeout=600)
+        timings["walk-through (wheelhouse, build, up)"] = time.monotonic() - t
         t = time.monotonic()
-        # The compose file as shipped builds the image; only the base image is substituted.
-        c.compose("build", "--force-rm", "master", timeout=600)
-        timings["image build"] = time.monotonic() - t
-        t = time.monotonic()
-        c.compose("up", "-d", timeout=300)
         c.wait_healthy(timeout=180)
-        timings["compose up until healthy"] = time.monotonic() - t
+        timings["then until healthy"] = time.monotonic() - t
         yield c
     except BaseException:
         log(c.logs(tail=80))
         raise
     finally:
         t = time.monotonic()
-        c.compose("down", "-v", "--rmi", "all", "--timeout", "5", timeout=300, check=False)
-        if docker_engine.started_here:  # the build stage's untagged images; not on others' engines
-            docker_engine.docker("image", "prune", "-f", timeout=120, check=False)
-        timings["compose down -v"] = time.monotonic() - t
-        if made_wheelhouse:
-            shutil.rmtree(WHEELHOUSE, ignore_errors=True)
+        try:
+            # In the same shell as the walk-through, as the page says: DOCKER_HOST is set.
+            clean_env = dict(walk_env, DOCKER_HOST=docker_engine.env["DOCKER_HOST"])
+            run_doc_block("offline-cleanup", clean_env, timeout=300)
+        finally:
+            timings["clean-up block"] = time.monotonic() - t
+            if had_wheelhouse:
+                log("note: the walk-through replaced the .wheelhouse/ that was there")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def test_compose_file_is_valid_offline() -> None:
 def test_the_offline_check_catches_a_broken_file(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(
-        COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restart: [oops]", 1)
+        COMPOSE_FILE.read_text().replace("restart: on-failure:5", "restart: [oops]", 1)
     )
     env = dict(os.environ, **OFFLINE)
     proc = run([compose_v1(), "-f", broken, "config", "-q"], env=env, check=False)
@@ -101,7 +102,9 @@ def test_five_services_one_image_restart_policy_and_init() -> None:
     images = {s["image"] for s in services.values()}
     assert images == {"replkv:latest"}
     for name, svc in services.items():
-        assert svc["restart"] == "unless-stopped", name
+        # A crash is restarted; a process that cannot start (a locked data directory, a bad
+        # setting) gives up after a few tries instead of looping (docs/DOCKER.md says why).
+        assert svc["restart"] == "on-failure:5", name
         assert svc.get("init") is True, f"{name}: PID 1 should be an init that forwards signals"
     # One service builds the image (v2 would otherwise build it once per service); the others
     # never try to pull it (it is on no registry) and start after the one that builds it.
@@ -212,8 +215,62 @@ def test_dockerfile_base_is_an_argument_and_runs_as_non_root() -> None:
     first_from = next(i for i, ln in enumerate(lines) if ln.upper().startswith("FROM "))
     assert "ARG BASE_IMAGE=python:3.12-slim" in lines[:first_from]
     froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
-    assert all(ln.split()[1] == "${BASE_IMAGE}" for ln in froms), froms
+    # One stage: a build stage would be left behind as a dangling image after every build.
+    assert froms == ["FROM ${BASE_IMAGE}"], froms
+    # The label goes first, so every intermediate image and build container carries it and
+    # `docker image prune --filter label=org.opencontainers.image.title=replkv` finds them.
+    assert lines[first_from + 1].startswith('LABEL org.opencontainers.image.title="replkv"')
     users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}, users
     ignore = (REPO / ".dockerignore").read_text().split()
     assert "*" in ignore and "!cluster" in ignore and "!pyproject.toml" in ignore
+
+
+def generate(*args: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, REPO / "scripts" / "compose_gen.py", *args], check=False)
+
+
+def test_compose_file_is_the_generator_output_for_three_slaves() -> None:
+    proc = generate("3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == COMPOSE_FILE.read_text(), (
+        "docker-compose.yml differs from `python3 scripts/compose_gen.py 3`: change the "
+        "generator, then regenerate the file"
+    )
+
+
+@pytest.mark.parametrize("slaves", [1, 5])
+def test_generated_file_for_another_number_of_slaves(tmp_path: Path, slaves: int) -> None:
+    proc = generate(str(slaves))
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / f"docker-compose.{slaves}.yml"
+    path.write_text(proc.stdout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
+    env.update(OFFLINE)
+    out = run([compose_v1(), "-f", path, "config"], env=env, timeout=60)
+    services = yaml.safe_load(out.stdout)["services"]
+    slave_names = [f"slave{i}" for i in range(1, slaves + 1)]
+    assert set(services) == {"master", "router", *slave_names}
+    members = {f"n{i + 2}": f"slave{i + 1}:{7002 + i}" for i in range(slaves)}
+    members["n1"] = "master:7001"
+    volumes = set()
+    for name, svc in services.items():
+        cluster = svc["environment"]["REPL_CLUSTER"]
+        assert dict(item.split("=", 1) for item in cluster.split(",")) == members, name
+        assert svc["restart"] == "on-failure:5", name
+        if name != "router":
+            volumes.add(
+                svc["volumes"][0]["source"]
+                if isinstance(svc["volumes"][0], dict)
+                else svc["volumes"][0].split(":")[0]
+            )
+    assert len(volumes) == slaves + 1, "each node needs its own volume"
+    assert set(services["router"]["depends_on"]) == {"master", *slave_names}
+
+
+@pytest.mark.parametrize("bad", ["0", "21", "three", ""])
+def test_generator_refuses_a_bad_count_in_one_line(bad: str) -> None:
+    proc = generate(bad)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

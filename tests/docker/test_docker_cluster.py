@@ -1,20 +1,38 @@
 """The four-node cluster in real containers, driven the way docs/DOCKER.md tells a user to.
 
-One cluster (module scope) goes through the steps in order: write through the router's
-published port; kill a slave, write more, start it, see it catch up by id; crash a node and see
-Docker restart it; kill the master and see clear errors on writes while reads go on, then start
-it and lose nothing; `down` then `up` and keep every entry. Every wait is a poll with a deadline.
+One cluster (module scope), brought up by the page's offline walk-through as written, goes
+through the steps in order: write through the router's published port; kill a slave, write
+more, start it, see it catch up by id; pause a slave, see it DOWN, unpause it, see it catch up;
+crash a node and see Docker restart it; scale a slave to two containers on one volume and see
+the second exit for good with a clear error; kill the master and see clear errors on writes
+while reads go on, then start it and lose nothing; `down` then `up` and keep every entry. Then
+a build that fails, and a check that the tier's builds left no dangling image and no stopped
+build container. Every wait is a poll with a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.docker.conftest import (
+    OUR_LABEL,
+    REPO,
+    WHEELHOUSE,
+    Leftovers,
+    doc_block,
+    free_port,
+    replctl_command,
+    run,
+)
 
 # The first test also pays for the session's setup (apt-get, debootstrap, the image build and
 # `up`), so it gets far more than the suite's default pytest-timeout; every wait inside has its
@@ -114,7 +132,7 @@ def test_writes_through_the_published_port(cluster: Any) -> None:
 
 def test_killed_slave_catches_up_by_id(cluster: Any) -> None:
     cluster.compose("kill", "slave2")
-    # A container you kill yourself stays down (restart: unless-stopped), and the router sees it.
+    # A container you kill yourself stays down (whatever the restart policy); the router sees it.
     cluster.wait_for(
         "the router to see n3 down", lambda: not cluster.status()["n3"]["up"], timeout=30
     )
@@ -139,6 +157,33 @@ def test_killed_slave_catches_up_by_id(cluster: Any) -> None:
     )
 
 
+def test_paused_slave_is_down_then_catches_up(cluster: Any) -> None:
+    """`docker compose pause` (docs/DOCKER.md), not `kill -s SIGSTOP`, which with `init: true`
+    stops only the container's init and leaves replnode serving."""
+    cluster.compose("pause", "slave1")
+    try:
+        cluster.wait_for(
+            "the router to see paused n2 down",
+            lambda: not cluster.status()["n2"]["up"],
+            timeout=30,
+        )
+        assert cluster.inspect("slave1")["State"]["Paused"] is True
+        write_many(cluster, "while-slave1-paused", 20)
+        index = master_last_index(cluster)
+        assert not cluster.status()["n2"]["up"]
+    finally:
+        cluster.compose("unpause", "slave1", check=False)
+    cluster.wait_for(
+        "slave1 to apply every id after unpause",
+        lambda: caught_up(cluster, "slave1", index),
+        timeout=60,
+    )
+    assert missing_on(cluster, "slave1") == {}
+    cluster.wait_for(
+        "the router to see n2 up again", lambda: cluster.status()["n2"]["up"], timeout=30
+    )
+
+
 def test_crashed_node_is_restarted_by_docker(cluster: Any) -> None:
     before = cluster.inspect("slave3")
     restarts = before["RestartCount"]
@@ -157,6 +202,51 @@ def test_crashed_node_is_restarted_by_docker(cluster: Any) -> None:
     index = master_last_index(cluster)
     cluster.wait_for("slave3 to catch up", lambda: caught_up(cluster, "slave3", index), timeout=60)
     assert missing_on(cluster, "slave3") == {}
+
+
+def test_scaled_slave_on_a_locked_volume_exits_instead_of_looping(cluster: Any) -> None:
+    """`--scale slave3=2` starts a second container on slave3's volume: it must fail to lock
+    the data directory, say so in one line, and stay exited after the restart policy's tries,
+    while the first keeps running."""
+    first = cluster.inspect("slave3")
+    cluster.compose("up", "-d", "--no-deps", "--scale", "slave3=2", "slave3")
+    try:
+        second = cluster.engine.docker(
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.project={cluster.project}",
+            "--filter",
+            "label=com.docker.compose.service=slave3",
+            "--filter",
+            "label=com.docker.compose.container-number=2",
+        ).stdout.strip()
+        assert second, "no second slave3 container"
+
+        def gave_up() -> dict[str, Any] | None:
+            info = json.loads(cluster.engine.docker("inspect", second).stdout)[0]
+            state = info["State"]
+            if state["Status"] == "exited" and not state["Restarting"]:
+                return dict(info)
+            return None
+
+        info = cluster.wait_for("the second slave3 to give up", gave_up, timeout=90)
+        policy = info["HostConfig"]["RestartPolicy"]
+        assert policy == {"Name": "on-failure", "MaximumRetryCount": 5}, policy
+        assert info["RestartCount"] == 5, info["RestartCount"]
+        assert info["State"]["ExitCode"] != 0
+        logs = cluster.engine.docker("logs", second).stderr.strip().splitlines()
+        errors = [ln for ln in logs if ln.startswith("Error:")]
+        assert len(errors) == 6, logs  # one clear line per try, no traceback
+        assert all("/data" in ln and "config" in ln for ln in errors), errors
+        assert not any("Traceback" in ln for ln in logs), logs
+        now = json.loads(cluster.engine.docker("inspect", first["Id"]).stdout)[0]["State"]
+        assert now["Running"] and now["StartedAt"] == first["State"]["StartedAt"], now
+    finally:
+        cluster.compose("up", "-d", "--no-deps", "--scale", "slave3=1", "slave3")
+    assert cluster.container("slave3") == first["Id"]
+    cluster.wait_healthy(["slave3"], timeout=60)
 
 
 def test_killed_master_writes_fail_clearly_reads_go_on_nothing_lost(cluster: Any) -> None:
@@ -225,3 +315,103 @@ def test_down_then_up_keeps_the_data(cluster: Any) -> None:
         assert missing_on(cluster, service) == {}
     for key in ("first-001", "after-master-back"):
         assert cluster.ctl("read", key, check=True).stdout.strip() == cluster.acked[key]
+
+
+def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Path) -> None:
+    """`scripts/compose_gen.py 5` (docs/DOCKER.md, "Another number of slaves") on the image the
+    walk-through built: six nodes that all see each other and all apply a write."""
+    path = tmp_path / "docker-compose.five.yml"
+    path.write_text(run([sys.executable, REPO / "scripts" / "compose_gen.py", "5"]).stdout)
+    port = free_port()
+    env = dict(cluster.env, REPL_ROUTER_PORT=str(port))
+    compose = ["docker-compose", "-f", path, "-p", f"{cluster.project}five", "--ansi", "never"]
+    ctl = [*replctl_command(), "--router", f"127.0.0.1:{port}"]
+    nodes = {f"n{i}" for i in range(1, 7)}
+
+    def status() -> dict[str, Any]:
+        proc = run([*ctl, "status", "--json"], env=env, timeout=30, check=False)
+        if proc.returncode != 0:
+            return {}
+        return {n["id"]: n for n in json.loads(proc.stdout)["nodes"]}
+
+    try:
+        run([*compose, "up", "-d", "--no-build"], env=env, timeout=300)
+        cluster.wait_for(
+            "six nodes up behind the router",
+            lambda: set(status()) == nodes and all(n["up"] for n in status().values()),
+            timeout=120,
+            describe=lambda: str(status()),
+        )
+        wrote = run([*ctl, "write", "five-slaves", "yes"], env=env, timeout=30)
+        index = int(wrote.stdout.split("index=")[1])
+        cluster.wait_for(
+            f"every node to apply {index}",
+            lambda: all(n.get("applied_index", -1) >= index for n in status().values()),
+            timeout=60,
+            describe=lambda: str(status()),
+        )
+    finally:
+        run([*compose, "down", "-v", "--timeout", "5"], env=env, timeout=300, check=False)
+
+
+def test_failed_build_leaves_no_container_and_prune_removes_its_image(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """The walk-through's build command on a wheelhouse that lacks msgpack (as when it holds
+    wheels for another Python): it fails with pip's message, `--force-rm` removes the failed
+    step's container, and the page's prune command removes the image of its last good step."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in (
+        "Dockerfile",
+        ".dockerignore",
+        "docker-compose.yml",
+        "pyproject.toml",
+        "README.md",
+    ):
+        shutil.copy2(REPO / name, ctx / name)
+    shutil.copytree(
+        REPO / "cluster", ctx / "cluster", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    wheels = ctx / ".wheelhouse"
+    wheels.mkdir()
+    for wheel in WHEELHOUSE.glob("*.whl"):
+        if not wheel.name.startswith("msgpack-"):
+            shutil.copy2(wheel, wheels / wheel.name)
+    before = Leftovers.now(cluster.engine)
+    build = next(
+        ln
+        for ln in doc_block("offline-walkthrough").splitlines()
+        if ln.startswith("docker-compose build")
+    )
+    args = build.split("#")[0].split()[1:]  # ["build", "--force-rm"]
+    env = dict(cluster.env, REPL_IMAGE=f"{cluster.image}-broken")
+    compose = ["docker-compose", "-f", ctx / "docker-compose.yml", "-p", f"{cluster.project}b"]
+    proc = run([*compose, *args], env=env, cwd=ctx, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    cluster.build_output += output
+    assert proc.returncode != 0, "the build with no msgpack wheel succeeded"
+    assert "No matching distribution found for msgpack" in output
+    left = Leftovers.now(cluster.engine).new_since(before).made_by(output)
+    assert left.stopped == set(), f"the failed build left:\n{left.describe(cluster.engine)}"
+    assert left.dangling, "the failed build left no image to prune: is the test still right?"
+
+    prune = next(
+        ln
+        for ln in doc_block("offline-cleanup").splitlines()
+        if ln.startswith("docker image prune")
+    )
+    assert OUR_LABEL in prune
+    cluster.engine.docker(*prune.split("#")[0].split()[1:])
+    left = Leftovers.now(cluster.engine).new_since(before).made_by(output)
+    assert left.dangling == set(), f"after the prune:\n{left.describe(cluster.engine)}"
+
+
+def test_builds_left_no_dangling_image_or_stopped_container(cluster: Any) -> None:
+    """After every build of the tier (the walk-through's, the failed one) and the prune the
+    page gives: no untagged image and no stopped container that those builds made. (On an
+    engine this session started, nothing new at all.)"""
+    left = Leftovers.now(cluster.engine).new_since(cluster.leftovers_before)
+    if not cluster.engine.started_here:  # other sessions may be building on it too
+        left = left.made_by(cluster.build_output)
+    assert left.dangling == set() and left.stopped == set(), left.describe(cluster.engine)
