@@ -130,7 +130,11 @@ class Node:
         cfg = self.config
         self.store, recovered = await asyncio.to_thread(Store.open, cfg.data_dir, cfg.node_id)
         try:
-            await self._serve(Replica.recovered(recovered), on_ready)
+            replica = Replica.recovered(recovered)
+            log.info("recovered %s: snapshot at %d, log %d..%d, epoch %d, %d keys",
+                     cfg.data_dir, replica.snapshot_index, replica.log.base + 1,
+                     replica.log.last_index, replica.epoch, len(replica.kv.data))
+            await self._serve(replica, on_ready)
         finally:
             self.store.close()
 

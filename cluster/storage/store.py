@@ -93,10 +93,6 @@ class Store:
         store = cls(directory, node, lock_fd, epoch, wal, snap.index)
         if not meta_path.exists():
             store.set_epoch(epoch)
-        first = entries[0].index if entries else snap.index + 1
-        log.info("recovered %s: snapshot at %d, log %d..%d, epoch %d, %d keys in the "
-                 "snapshot", directory, snap.index, first, first + len(entries) - 1, epoch,
-                 len(data))
         return store, Recovered(epoch, snap, data, entries)
 
     # --- metadata ----------------------------------------------------------------------------

@@ -343,7 +343,7 @@ def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Pa
             describe=lambda: str(status()),
         )
         wrote = run([*ctl, "write", "five-slaves", "yes"], env=env, timeout=30)
-        index = int(wrote.stdout.split("index=")[1])
+        index = int(wrote.stdout.split("index=")[1].split()[0])
         cluster.wait_for(
             f"every node to apply {index}",
             lambda: all(n.get("applied_index", -1) >= index for n in status().values()),
