@@ -14,6 +14,7 @@ from cluster.cli.common import (
     fail,
     limit_options,
     limits_from,
+    listen_error,
     run_async,
     setup_logging,
 )
@@ -73,7 +74,7 @@ def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId
     try:
         run_async(_run(config, ready))
     except (ReplError, OSError) as exc:
-        raise fail(exc, debug) from exc
+        raise fail(listen_error(exc, listen), debug) from exc
     except BaseExceptionGroup as eg:
         raise fail(eg.exceptions[0], debug) from eg
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ Layout::
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cluster.core.history import EpochHistory
 from cluster.core.kv import KV
 from cluster.core.log import Log
 from cluster.errors import BadFrame, ConfigError, CorruptLog
+from cluster.storage import lock
 from cluster.storage.records import Damage, encode_record, fsync_dir, iter_records, write_atomic
 from cluster.storage.snapshot import SnapshotMeta, read_snapshot, write_snapshot
 from cluster.storage.wal import MAGIC as WAL_MAGIC
@@ -65,13 +65,7 @@ class Store:
     @classmethod
     def open(cls, directory: Path, node: str) -> Store:
         directory.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise ConfigError(f"data directory {directory} is in use by another process") \
-                from None
+        lock_fd = lock.acquire(directory / "LOCK")
         try:
             return cls._recover(directory, node, lock_fd)
         except BaseException:
