@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,18 +68,36 @@ def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId
     except ReplError as exc:
         raise click.UsageError(str(exc)) from exc
 
+    created = _outermost_missing(data_dir)  # removed again if the node never gets ready
+    started = False
+
     def ready(addr: Address) -> None:
+        nonlocal started
+        started = True
         click.echo(f"READY {addr}")
         sys.stdout.flush()
 
     try:
-        run_async(_run(config, ready))
+        try:
+            run_async(_run(config, ready))
+        finally:
+            if created is not None and not started:
+                shutil.rmtree(created, ignore_errors=True)
     except (ReplError, OSError) as exc:
         raise fail(listen_error(exc, listen), debug) from exc
     except BaseExceptionGroup as eg:
         raise fail(eg.exceptions[0], debug) from eg
     except KeyboardInterrupt:
         pass
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    missing = None
+    for p in (path.absolute(), *path.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 async def _run(config: NodeConfig, ready: Callable[[Address], None]) -> None:

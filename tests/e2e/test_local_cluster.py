@@ -267,6 +267,7 @@ def test_a_port_in_use_is_one_clear_line(tmp_path: Path, program: str) -> None:
         f"Error: network: cannot listen on 127.0.0.1:{port}: the port is already in use "
         f"(by another replnode, replrouter or program)")
     assert "Errno" not in out.stderr
+    assert not (tmp_path / "n1").exists()  # the node's new data directory is not left behind
 
 
 @pytest.mark.parametrize("listen,cmap,message", [
