@@ -183,10 +183,16 @@ def test_cluster_up_with_three_nodes(tmp_path: Path) -> None:
         assert set(pids) == {"router", "n1", "n2", "n3"}, out
         router = re.search(r"^router\s+(\S+)", out, re.M)[1]  # type: ignore[index]
         assert replctl("write", "k", "v", "--acks", "majority", router=router).returncode == 0
+
+        # restarting a running node stops it first; that is no crash
+        again = replctl("cluster", "restart", "n2", "--data-dir", str(data))
+        assert again.returncode == 0, again.stderr
+        new_pid = int(again.stdout.split("pid ")[1].split(",")[0])
+        assert new_pid != pids["n2"] and gone(pids["n2"])
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        assert all(gone(p) for p in pids.values())
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "!!" not in err, err
+        assert all(gone(p) for p in [*pids.values(), new_pid])
 
 
 def test_cluster_up_on_a_taken_port_is_one_line_and_leaves_nothing_behind(
