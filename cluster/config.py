@@ -159,7 +159,7 @@ class RouterConfig:
             raise ConfigError("max lag must be >= 0")
 
 
-_WILDCARDS = {"0.0.0.0", "::", "*"}
+_WILDCARDS = {"0.0.0.0", "::"}
 
 
 def _check_cluster(cluster: dict[NodeId, Address]) -> None:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
@@ -142,7 +141,9 @@ class LocalCluster:
         except BaseException:
             await self.stop()
             for path in created:
-                shutil.rmtree(path, ignore_errors=True)
+                lock.remove_unless_locked(path, [
+                    self.data_dir / n / "LOCK" for n in self.node_ids
+                    if (self.data_dir / n).is_relative_to(path)])
             raise
 
     def _check_free(self) -> None:

@@ -177,7 +177,7 @@ async def _router_sees_applied(d: Demo, index: int) -> bool:
     """Every slave the router sees up has applied ``index``, as far as the router knows: a
     read asking for ``index`` may then go to any of them."""
     slaves = [v for v in (await d.router_nodes()).values() if v["role"] == "slave" and v["up"]]
-    return bool(slaves) and all(v["applied_index"] >= index for v in slaves)
+    return all(v["applied_index"] >= index for v in slaves)
 
 
 async def _master_has_quorum(d: Demo, master: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from cluster.cli.common import (
 from cluster.config import Address, FsyncPolicy, NodeConfig
 from cluster.errors import ReplError
 from cluster.node.runtime import Node
+from cluster.storage import lock
 from cluster.types import NodeId
 
 
@@ -82,7 +82,7 @@ def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId
             run_async(_run(config, ready))
         finally:
             if created is not None and not started:
-                shutil.rmtree(created, ignore_errors=True)
+                lock.remove_unless_locked(created, [data_dir / "LOCK"])
     except (ReplError, OSError) as exc:
         raise fail(listen_error(exc, listen), debug) from exc
     except BaseExceptionGroup as eg:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 from cluster.errors import ConfigError
@@ -46,6 +47,26 @@ def holder(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def remove_unless_locked(tree: Path, locks: list[Path]) -> bool:
+    """Delete ``tree`` unless a process holds one of ``locks`` (the LOCK files of the data
+    directories in it). They are held while it is deleted, so a node that starts on one of
+    them at the same time fails instead of losing its files. Whether it was deleted."""
+    fds: list[int] = []
+    try:
+        for path in locks:
+            try:
+                fds.append(acquire(path))
+            except FileNotFoundError:
+                continue  # no such directory: nothing there to protect
+            except ConfigError:
+                return False
+        shutil.rmtree(tree, ignore_errors=True)
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def in_use_message(directory: Path, pid: int | None) -> str:

@@ -22,6 +22,7 @@ from cluster.client import Client
 from cluster.config import Address, NodeConfig
 from cluster.errors import ConfigError, NoQuorum
 from cluster.local import CONTROL_FILE, ClusterError, LocalCluster, free_ports, port_in_use
+from cluster.storage import lock
 from cluster.types import Acks, NodeId
 from tests.e2e.conftest import FAST_NODE, FAST_ROUTER, wait_applied, wait_for
 
@@ -238,6 +239,21 @@ async def test_a_node_that_cannot_start_fails_the_start_in_one_line_and_is_clean
                         r"not in the range x>=0\.01\. \(log: .*\)", str(err.value)), err.value
     assert all(not c.running for c in cl.children.values())
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_directory_is_not_removed_while_a_node_holds_its_lock(tmp_path: Path) -> None:
+    """The clean-up after a failed start must not delete the data of a node that started on
+    the same new directory at the same moment."""
+    tree = tmp_path / "data"
+    (tree / "n1").mkdir(parents=True)
+    held = lock.acquire(tree / "n1" / "LOCK")
+    try:
+        assert not lock.remove_unless_locked(tree, [tree / "n1" / "LOCK", tree / "n2" / "LOCK"])
+        assert (tree / "n1" / "LOCK").exists()
+    finally:
+        os.close(held)
+    assert lock.remove_unless_locked(tree, [tree / "n1" / "LOCK", tree / "n2" / "LOCK"])
+    assert not tree.exists()
 
 
 async def test_tail_shows_only_the_current_run(tmp_path: Path) -> None:
