@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -60,8 +61,10 @@ def port_in_use(address: Address) -> bool:
             s.bind((address.host, address.port))
         except socket.gaierror:
             raise ClusterError(f"unknown host {address.host!r}") from None
-        except OSError:
-            return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise ClusterError(f"cannot listen on {address}: {exc.strerror}") from None
     return False
 
 

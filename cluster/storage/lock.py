@@ -36,8 +36,8 @@ def holder(path: Path) -> int | None:
     written it yet), or None when the lock is free or missing. Creates nothing."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
+    except OSError:
+        return None  # missing, or not ours to read: the node that opens it will say so
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
