@@ -40,7 +40,9 @@ def cluster() -> None:
               show_default=True)
 @click.pass_obj
 def up(obj: _Obj, nodes: int, base_port: int, data_dir: Path, host: str, fsync: str) -> None:
-    """Run a master, slaves and a router in the foreground; Ctrl-C stops them all."""
+    """Run a local cluster in the foreground; Ctrl-C stops it.
+
+    A master (n1), NODES-1 slaves and a router, each logging to DATA/logs/."""
     try:
         run_async(cluster_up(data_dir, host, base_port, fsync, nodes))
     except ReplError as exc:
@@ -56,10 +58,11 @@ def up(obj: _Obj, nodes: int, base_port: int, data_dir: Path, host: str, fsync: 
               help="The data directory of the running `replctl cluster up`.")
 @click.pass_obj
 def restart(obj: _Obj, name: str, data_dir: Path) -> None:
-    """Restart NAME (n1, n2, ... or router) of the `replctl cluster up` running on the data
-    directory: after a crash or a kill, or to restart a running one (SIGTERM first).
+    """Restart one process of the running `cluster up`.
 
-    The process logs to DATA/logs/ and Ctrl-C of `cluster up` stops it, like the others."""
+    NAME is n1, n2, ... or router, of the `replctl cluster up` running on the data
+    directory: after a crash or a kill, or a running one (SIGTERM first). The process logs
+    to DATA/logs/ and Ctrl-C of `cluster up` stops it, like the others."""
     try:
         reply = run_async(request_restart(data_dir.resolve(), name))
     except ReplError as exc:
