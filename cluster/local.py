@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -31,6 +33,8 @@ from cluster.types import NodeId
 log = logging.getLogger(__name__)
 
 CONTROL_FILE = "cluster-up.json"
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class ClusterError(ReplError):
@@ -66,6 +70,15 @@ def port_in_use(address: Address) -> bool:
                 return True
             raise ClusterError(f"cannot listen on {address}: {exc.strerror}") from None
     return False
+
+
+def _die_with(parent: int) -> None:
+    """Run in a child before it executes: SIGTERM it when ``parent`` dies, so no node
+    outlives the `cluster up`, demo or test that started it, even one killed by SIGKILL."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass(eq=False)
@@ -194,6 +207,7 @@ class LocalCluster:
         proc = child.proc = await asyncio.create_subprocess_exec(
             sys.executable, *child.args, stdout=asyncio.subprocess.PIPE,
             stderr=child.log_file, env=env, start_new_session=True,
+            preexec_fn=functools.partial(_die_with, os.getpid()),
         )
         assert proc.stdout is not None
         try:

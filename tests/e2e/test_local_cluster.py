@@ -65,8 +65,9 @@ def listening(port: int) -> Iterator[socket.socket]:
 
 @contextmanager
 def cluster_up(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``replctl cluster up ARGS`` until it says it is up; its output so far. The process
-    is killed at the end if the test did not stop it."""
+    """``replctl cluster up ARGS`` until it says it is up; its output so far. If the test
+    did not stop it, it is stopped at the end with Ctrl-C (SIGKILL if that fails: its
+    processes then die with it)."""
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli.ctl", "cluster", "up", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -82,8 +83,12 @@ def cluster_up(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
         yield proc, "".join(lines)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 def pids_of(output: str) -> dict[str, int]:
@@ -92,11 +97,11 @@ def pids_of(output: str) -> dict[str, int]:
 
 
 def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by init counts as exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
         return True
-    return False
 
 
 def until(check: object, what: str, timeout: float = 20.0) -> None:
@@ -159,6 +164,23 @@ def test_cluster_up_prints_every_pid_restarts_a_killed_node_and_ctrl_c_stops_eve
     after = replctl("cluster", "restart", "n3", "--data-dir", str(data))
     assert after.returncode == 1
     assert after.stderr.startswith("Error: cluster: no `replctl cluster up` is running")
+
+
+def test_the_processes_die_with_a_killed_cluster_up(tmp_path: Path) -> None:
+    """SIGKILL of `cluster up` leaves no node behind: each gets SIGTERM when it dies."""
+    with cluster_up("--base-port", "0", "--data-dir", str(tmp_path / "data"),
+                    "--nodes", "2") as (proc, out):
+        pids = pids_of(out)
+        assert len(pids) == 3
+        try:
+            proc.kill()
+            proc.wait()
+            until(lambda: all(gone(p) for p in pids.values()),
+                  "the processes of a killed cluster up to exit")
+        finally:
+            for pid in pids.values():
+                if not gone(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_cluster_restart_refuses_what_it_cannot_do(tmp_path: Path) -> None:
