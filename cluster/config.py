@@ -7,6 +7,7 @@ raises :class:`ConfigError` with a message that names the bad value.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +113,13 @@ class NodeConfig:
 
     def validate(self) -> None:
         self.limits.validate()
+        _check_cluster(self.cluster)
         if self.node_id not in self.cluster:
             raise ConfigError(
                 f"node id {self.node_id!r} is not in the cluster map "
                 f"({', '.join(self.cluster)})"
             )
+        _check_listen(self.listen, self.node_id, self.cluster[self.node_id])
         if self.bootstrap_master not in self.cluster:
             raise ConfigError(
                 f"master {self.bootstrap_master!r} is not in the cluster map "
@@ -146,7 +149,45 @@ class RouterConfig:
 
     def validate(self) -> None:
         self.limits.validate()
+        _check_cluster(self.cluster)
         if not 0 < self.health_interval < self.node_timeout:
             raise ConfigError("the health interval must be positive and below the node timeout")
         if self.max_lag < 0:
             raise ConfigError("max lag must be >= 0")
+
+
+_WILDCARDS = {"0.0.0.0", "::"}
+
+
+def _check_cluster(cluster: dict[NodeId, Address]) -> None:
+    """Any number of nodes is a cluster (a majority is ``N // 2 + 1``), but no two may share
+    an address."""
+    seen: dict[Address, NodeId] = {}
+    for node, addr in cluster.items():
+        if addr.port == 0:
+            raise ConfigError(f"node {node!r} has port 0 in the cluster map: give its real port")
+        if addr in seen:
+            raise ConfigError(f"nodes {seen[addr]!r} and {node!r} have the same address "
+                              f"{addr} in the cluster map")
+        seen[addr] = node
+
+
+def _check_listen(listen: Address, node: NodeId, own: Address) -> None:
+    """A node listens where the cluster map says it is: the same port (0 picks a free one,
+    for tests), and the same host unless it listens on every interface (``0.0.0.0`` in a
+    container whose map entry is a service name) or one of the two is a host name, which
+    is not resolved here."""
+    if listen.port not in (0, own.port):
+        raise ConfigError(
+            f"listen address {listen} does not match {node}={own} in the cluster map: the "
+            f"other nodes and the router would look for {node} on port {own.port}")
+    if listen.host in _WILDCARDS or listen.host == own.host:
+        return
+    try:
+        differ = ipaddress.ip_address(listen.host) != ipaddress.ip_address(own.host)
+    except ValueError:
+        return  # a host name on either side
+    if differ:
+        raise ConfigError(
+            f"listen address {listen} does not match {node}={own} in the cluster map: the "
+            f"other nodes and the router would look for {node} at {own.host}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -11,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from cluster.config import Address, Limits, parse_cluster
-from cluster.errors import ReplError
+from cluster.errors import NetworkError, ReplError
 from cluster.types import NodeId, Token, Value
 
 T = TypeVar("T")
@@ -114,6 +116,22 @@ def fail(exc: BaseException, debug: bool) -> click.ClickException:
     if isinstance(exc, ReplError) and not text.startswith(exc.code):
         text = f"{exc.code}: {text}"
     return click.ClickException(text)
+
+
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the port is already in use (by another replnode, replrouter or program)",
+    errno.EADDRNOTAVAIL: "this machine has no such address",
+    errno.EACCES: "permission denied (ports below 1024 need root)",
+}
+
+
+def listen_error(exc: BaseException, listen: Address) -> BaseException:
+    """A failure to listen on ``listen`` as one line that names it; other errors as they are."""
+    if isinstance(exc, socket.gaierror):
+        return NetworkError(f"cannot listen on {listen}: unknown host {listen.host!r}")
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno in _LISTEN_ERRORS:
+        return NetworkError(f"cannot listen on {listen}: {_LISTEN_ERRORS[exc.errno]}")
+    return exc
 
 
 def show_value(value: Value | None) -> str:

@@ -12,6 +12,7 @@ import click
 from cluster.cli import kv_cmd, shell, status_cmd
 from cluster.cli.common import ADDRESS, fail, run_async, setup_logging
 from cluster.cli.context import Ctx
+from cluster.cli.local_cmd import cluster
 from cluster.config import Address
 from cluster.errors import ReplError
 
@@ -44,29 +45,7 @@ for command in (*kv_cmd.COMMANDS, *status_cmd.COMMANDS, shell.shell):
 # elsewhere); once they are there this block becomes two main.add_command(...) lines.
 
 
-@main.group()
-def cluster() -> None:
-    """Run a cluster on this machine."""
-
-
-@cluster.command("up")
-@click.option("--base-port", type=click.IntRange(1, 65530), default=7000, show_default=True,
-              help="Router on this port, nodes n1..n4 on the next four.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("./data"), show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
-              show_default=True)
-@click.pass_obj
-def cluster_up(ctx: Ctx, base_port: int, data_dir: Path, host: str, fsync: str) -> None:
-    """Run a master, three slaves and a router in the foreground; Ctrl-C stops them all."""
-    from cluster.cli.local_cmd import cluster_up as run_up
-    try:
-        run_async(run_up(data_dir, host, base_port, fsync))
-    except ReplError as exc:
-        raise fail(exc, ctx.debug) from exc
-    except KeyboardInterrupt:
-        pass
+main.add_command(cluster)  # cluster up, cluster restart
 
 
 @main.command()

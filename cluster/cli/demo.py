@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,17 @@ async def _script(d: Demo) -> None:
         last = await c.set(k, v)
     d.say(f"wrote {len(SAMPLE)} keys; the last write is log entry {last.index}")
 
-    d.step("Read them back (reads go to a random live slave)")
-    for k in list(SAMPLE)[:4]:
+    d.step("Read them back (each read goes to a random live slave)")
+    await d.until(f"the router sees every slave at entry {last.index}",
+                  lambda: _router_sees_applied(d, last.index))
+    served: Counter[str] = Counter()
+    for k in SAMPLE:
         r = await c.get(k, min_index=last)
-        d.say(f"{k} = {show_value(r.value)}   "
-              f"(served by {r.node}, which has applied entry {r.index})")
+        served[r.node or "?"] += 1
+        d.say(f"{k:14} = {show_value(r.value):9} (served by {r.node}, which has applied "
+              f"entry {r.index})")
+    d.say(f"{len(SAMPLE)} reads, spread at random: " +
+          ", ".join(f"{n} served {served[n]}" for n in sorted(served)))
 
     d.step("Write and read your own write")
     ix = await c.set("greeting", "hello, replicated world")
@@ -158,7 +165,9 @@ async def _script(d: Demo) -> None:
     r = await c.get("event:0199", strong=True)
     d.say(f"event:0199 = {r.value!r} (strong read from the master at entry {r.index})")
     ix = await c.set("after-restart", "the master is back")
-    await d.until("every slave has applied the new write",
+    d.say(f"wrote after-restart = 'the master is back' as entry {ix.index} "
+          f"(read token {ix})")
+    await d.until(f"every slave has applied entry {ix.index}",
                   lambda: _all_applied(d, ix.index))
     await _final_state(d, local)
 
@@ -166,6 +175,13 @@ async def _script(d: Demo) -> None:
 async def _is(d: Demo, node: str, *, up: bool) -> bool:
     view = (await d.router_nodes())[node]
     return bool(view["up"] == up and (not up or view["role"] is not None))
+
+
+async def _router_sees_applied(d: Demo, index: int) -> bool:
+    """Every slave the router sees up has applied ``index``, as far as the router knows: a
+    read asking for ``index`` may then go to any of them."""
+    slaves = [v for v in (await d.router_nodes()).values() if v["role"] == "slave" and v["up"]]
+    return all(v["applied_index"] >= index for v in slaves)
 
 
 async def _master_has_quorum(d: Demo, master: str) -> bool:

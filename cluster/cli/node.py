@@ -14,12 +14,14 @@ from cluster.cli.common import (
     fail,
     limit_options,
     limits_from,
+    listen_error,
     run_async,
     setup_logging,
 )
 from cluster.config import Address, FsyncPolicy, NodeConfig
 from cluster.errors import ReplError
 from cluster.node.runtime import Node
+from cluster.storage import lock
 from cluster.types import NodeId
 
 
@@ -66,18 +68,36 @@ def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId
     except ReplError as exc:
         raise click.UsageError(str(exc)) from exc
 
+    created = _outermost_missing(data_dir)  # removed again if the node never gets ready
+    started = False
+
     def ready(addr: Address) -> None:
+        nonlocal started
+        started = True
         click.echo(f"READY {addr}")
         sys.stdout.flush()
 
     try:
-        run_async(_run(config, ready))
+        try:
+            run_async(_run(config, ready))
+        finally:
+            if created is not None and not started:
+                lock.remove_unless_locked(created, [data_dir / "LOCK"])
     except (ReplError, OSError) as exc:
-        raise fail(exc, debug) from exc
+        raise fail(listen_error(exc, listen), debug) from exc
     except BaseExceptionGroup as eg:
         raise fail(eg.exceptions[0], debug) from eg
     except KeyboardInterrupt:
         pass
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    missing = None
+    for p in (path.absolute(), *path.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 async def _run(config: NodeConfig, ready: Callable[[Address], None]) -> None:

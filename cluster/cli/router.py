@@ -12,6 +12,7 @@ from cluster.cli.common import (
     fail,
     limit_options,
     limits_from,
+    listen_error,
     run_async,
     setup_logging,
 )
@@ -60,7 +61,7 @@ def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: f
     try:
         run_async(Router(config).run(ready))
     except (ReplError, OSError) as exc:
-        raise fail(exc, debug) from exc
+        raise fail(listen_error(exc, listen), debug) from exc
     except KeyboardInterrupt:
         pass
 

@@ -16,7 +16,6 @@ Layout::
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import IO, Any
 
 from cluster.core.state import NO_SNAPSHOT, Recovered, SnapshotMeta
 from cluster.errors import BadFrame, ConfigError, CorruptLog
+from cluster.storage import lock
 from cluster.storage.base import SnapshotJob
 from cluster.storage.records import Damage, encode_record, fsync_dir, iter_records, write_atomic
 from cluster.storage.snapshot import read_index, read_snapshot, write_snapshot
@@ -55,13 +55,7 @@ class Store:
     @classmethod
     def open(cls, directory: Path, node: str) -> tuple[Store, Recovered]:
         directory.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise ConfigError(f"data directory {directory} is in use by another process") \
-                from None
+        lock_fd = lock.acquire(directory / "LOCK")
         try:
             return cls._recover(directory, node, lock_fd)
         except BaseException:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,81 +184,6 @@ def test_replnode_rejects_bad_configuration(tmp_path: Path) -> None:
     for args, message in cases:
         out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
-
-
-def test_cluster_up_runs_in_the_foreground_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    base = _consecutive_free_ports(5)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli.ctl", "cluster", "up", "--base-port", str(base),
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "cluster is up" in line:
-                break
-        else:
-            pytest.fail(f"cluster up did not come up: {''.join(lines)} {proc.stderr.read()}")
-        pids = [int(line.split("pid ")[1].split()[0]) for line in lines if "pid " in line]
-        assert len(pids) == 4
-        assert f"router  127.0.0.1:{base}" in "".join(lines)
-        router = f"127.0.0.1:{base}"
-        assert replctl("write", "up", "yes", router=router).returncode == 0
-        assert replctl("read", "up", "--strong", router=router).stdout == "yes\n"
-
-        os.kill(pids[2], signal.SIGKILL)  # a crash is reported, not restarted
-        assert proc.stderr is not None
-        assert "n3 exited with code -9; it is not restarted" in proc.stderr.readline()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        assert "stopped" in out
-        for pid in pids:
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _consecutive_free_ports(n: int) -> int:
-    for _ in range(50):
-        base = free_ports(1)[0]
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no run of free ports found")
-
-
-def test_demo_runs_to_the_end(tmp_path: Path) -> None:
-    out = replctl("demo", "--data-dir", str(tmp_path / "demo"), timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout
-    for expected in ("SIGKILL slave", "asked the master for entries after",
-                     "SIGKILL the master", "a write now fails clearly: unavailable",
-                     "every acknowledged write is still there", "every node holds the same data",
-                     "The demo cluster was stopped"):
-        assert expected in text, expected
-
-
-def test_demo_against_a_running_cluster(cluster: LocalCluster) -> None:
-    out = replctl("demo", router=cluster.router_address, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "crash steps skipped" in out.stdout and "every node holds the same data" in out.stdout
 
 
 async def test_the_shell_outlives_the_router_and_reconnects(cluster: LocalCluster) -> None:
