@@ -140,7 +140,7 @@ def test_cluster_up_prints_every_pid_restarts_a_killed_node_and_ctrl_c_stops_eve
         assert "OLD-RUN-LINE" not in crash and "syncing from master n1" in crash
 
         written = replctl("write", "while-down", "1", router=router)
-        index = int(written.stdout.split("=")[1])
+        index = int(written.stdout.split("index=")[1].split()[0])
         restarted = replctl("cluster", "restart", "n3", "--data-dir", str(data))
         assert restarted.returncode == 0, restarted.stderr
         new_pid = int(restarted.stdout.split("pid ")[1].split(",")[0])
@@ -339,20 +339,20 @@ def test_replnode_refuses_a_listen_address_not_in_the_map(
 ])
 def test_a_listen_address_that_matches_the_map_is_accepted(listen: str, own: str) -> None:
     NodeConfig(node_id=NodeId("n1"), listen=Address.parse(listen), data_dir=Path("unused"),
-               cluster={NodeId("n1"): Address.parse(own)}, master=NodeId("n1")).validate()
+               cluster={NodeId("n1"): Address.parse(own)}, bootstrap_master=NodeId("n1")).validate()
 
 
 def test_cluster_sizes_and_majorities() -> None:
     for size, majority in [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3), (6, 4), (7, 4)]:
         cmap = {NodeId(f"n{i}"): Address("127.0.0.1", 7000 + i) for i in range(1, size + 1)}
         cfg = NodeConfig(node_id=NodeId("n1"), listen=cmap[NodeId("n1")], data_dir=Path("x"),
-                         cluster=cmap, master=NodeId("n1"))
+                         cluster=cmap, bootstrap_master=NodeId("n1"))
         cfg.validate()
         assert cfg.majority == majority
     with pytest.raises(ConfigError, match="same address"):
         NodeConfig(node_id=NodeId("n1"), listen=Address("h", 1), data_dir=Path("x"),
                    cluster={NodeId("n1"): Address("h", 1), NodeId("n2"): Address("h", 1)},
-                   master=NodeId("n1")).validate()
+                   bootstrap_master=NodeId("n1")).validate()
 
 
 @pytest.mark.parametrize("size", [3, 5, 7])

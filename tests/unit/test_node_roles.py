@@ -12,6 +12,7 @@ from cluster.client import Client, Token
 from cluster.config import Address, NodeConfig
 from cluster.core.state import Replica
 from cluster.errors import NotMaster
+from cluster.local import free_ports
 from cluster.node.master import MasterRole
 from cluster.node.runtime import Node
 from cluster.node.slave import SlaveRole
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.timeout(30)
 
 async def test_a_slave_becomes_master_and_back(tmp_path: Path) -> None:
     me, other = NodeId("n2"), NodeId("n1")
-    nobody = Address("127.0.0.1", 1)  # no one listens there: the slave never links
-    cfg = NodeConfig(me, Address("127.0.0.1", 0), tmp_path / "n2",
-                     {other: nobody, me: Address("127.0.0.1", 0)}, bootstrap_master=other,
+    nobody, mine = (Address("127.0.0.1", p) for p in free_ports(2))  # nobody listens there
+    cfg = NodeConfig(me, mine, tmp_path / "n2", {other: nobody, me: mine},
+                     bootstrap_master=other,
                      heartbeat_interval=0.05, peer_timeout=0.5)
     node = Node(cfg)
     up = asyncio.Event()
