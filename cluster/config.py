@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -66,7 +67,7 @@ def parse_cluster(text: str) -> dict[NodeId, Address]:
     return nodes
 
 
-def format_cluster(nodes: dict[NodeId, Address]) -> str:
+def format_cluster(nodes: Mapping[str, Address]) -> str:
     return ",".join(f"{node}={addr}" for node, addr in nodes.items())
 
 

@@ -119,7 +119,8 @@ class LocalCluster:
             base_port + i for i in range(nodes + 1)]
         self.router_address = Address(host, ports[0])
         self.node_ids = [NodeId(f"n{i}") for i in range(1, nodes + 1)]
-        self.addresses = {n: Address(host, ports[i + 1]) for i, n in enumerate(self.node_ids)}
+        self.addresses: dict[str, Address] = {
+            n: Address(host, ports[i + 1]) for i, n in enumerate(self.node_ids)}
         self.master = self.node_ids[0]
         self.ready_timeout = ready_timeout
         cluster_arg = format_cluster(self.addresses)
@@ -138,7 +139,7 @@ class LocalCluster:
         self._crashes: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
 
     def address_of(self, name: str) -> Address:
-        return self.router_address if name == "router" else self.addresses[NodeId(name)]
+        return self.router_address if name == "router" else self.addresses[name]
 
     async def start(self) -> None:
         """Start every node, then the router. Refuses, before it creates anything, a data

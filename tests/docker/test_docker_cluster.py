@@ -324,7 +324,8 @@ def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Pa
     path.write_text(run([sys.executable, REPO / "scripts" / "compose_gen.py", "5"]).stdout)
     port = free_port()
     env = dict(cluster.env, REPL_ROUTER_PORT=str(port))
-    compose = ["docker-compose", "-f", path, "-p", f"{cluster.project}five", "--ansi", "never"]
+    compose: list[str | Path] = ["docker-compose", "-f", path, "-p", f"{cluster.project}five",
+                                 "--ansi", "never"]
     ctl = [*replctl_command(), "--router", f"127.0.0.1:{port}"]
     nodes = {f"n{i}" for i in range(1, 7)}
 
@@ -386,7 +387,8 @@ def test_failed_build_leaves_no_container_and_prune_removes_its_image(
     )
     args = build.split("#")[0].split()[1:]  # ["build", "--force-rm"]
     env = dict(cluster.env, REPL_IMAGE=f"{cluster.image}-broken")
-    compose = ["docker-compose", "-f", ctx / "docker-compose.yml", "-p", f"{cluster.project}b"]
+    compose: list[str | Path] = ["docker-compose", "-f", ctx / "docker-compose.yml",
+                                 "-p", f"{cluster.project}b"]
     proc = run([*compose, *args], env=env, cwd=ctx, timeout=300, check=False)
     output = proc.stdout + proc.stderr
     cluster.build_output += output

@@ -191,14 +191,15 @@ async def test_the_shell_outlives_the_router_and_reconnects(cluster: LocalCluste
         sys.executable, "-m", "cluster.cli.ctl", "--router", str(cluster.router_address),
         "shell", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None and stdout is not None
 
     async def answer(line: str | None = None) -> str:
         if line is not None:
-            proc.stdin.write(f"{line}\n".encode())
-            await proc.stdin.drain()
+            stdin.write(f"{line}\n".encode())
+            await stdin.drain()
         async with asyncio.timeout(20):
-            return (await proc.stdout.readline()).decode().rstrip("\n")
+            return (await stdout.readline()).decode().rstrip("\n")
 
     try:
         assert (await answer()).startswith("connected to")
@@ -208,7 +209,7 @@ async def test_the_shell_outlives_the_router_and_reconnects(cluster: LocalCluste
         assert "cannot connect" in await answer("write c 3")  # no router yet: it says so
         await cluster.start_child("router")
         assert (await answer("write d 4")).startswith("OK index=")
-        proc.stdin.close()
+        stdin.close()
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
     finally:

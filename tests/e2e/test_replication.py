@@ -200,5 +200,5 @@ async def test_restarted_slaves_converge_after_repeated_crashes(
         await wait_applied(cl, node, last)
     reference = await node_items(cl.addresses["n1"])
     assert len(reference) == 1200
-    for node in ("n2", "n3", "n4"):
-        assert await node_items(cl.addresses[node]) == reference
+    for other in ("n2", "n3", "n4"):
+        assert await node_items(cl.addresses[other]) == reference

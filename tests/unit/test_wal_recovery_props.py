@@ -267,7 +267,7 @@ def test_a_flipped_bit_in_the_snapshot_or_meta_file_is_a_clear_corruption_error(
         raw[bit // 8] ^= 1 << (bit % 8)
         target.write_bytes(bytes(raw))
         with pytest.raises(CorruptLog) as info:
-            Store.open(d, "n1").close()
+            Store.open(d, "n1")[0].close()
         message = str(info.value)
         assert str(target) in message and "\n" not in message
         assert "delet" in message  # says what to do about it: delete it, or its wal
