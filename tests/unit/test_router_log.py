@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,6 +22,7 @@ from cluster.router.server import Router
 from cluster.types import NodeId
 from cluster.wire import codec
 from cluster.wire.messages import Reply, Set, Status
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,15 +67,6 @@ class FakeMaster:
             self.streams.discard(stream)
             await stream.close()
 
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Wait for a condition, with a deadline."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from cluster.net.stream import FramedStream
 from cluster.wire import codec
 from cluster.wire.framing import FrameDecoder, encode_frame
 from cluster.wire.messages import ErrorReply, Message, Ping, Reply, Request, Set
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -63,15 +64,6 @@ async def server() -> AsyncIterator[Server]:
         for stream in srv.streams:
             stream.abort()
 
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    """Wait for a condition, with a deadline."""
-    try:
-        async with asyncio.timeout(5):
-            while not check():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def exchange(srv: Server, data: bytes, *, half_close: bool,
