@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +32,15 @@ class Damage:
     at_tail: bool  # nothing valid could follow it: a torn write, not corruption
 
 
-def iter_records(data: bytes, start: int) -> Iterator[tuple[int, bytes] | Damage]:
+def iter_records(data: bytes, start: int,
+                 belongs: Callable[[bytes], bool] = lambda payload: True,
+                 ) -> Iterator[tuple[int, bytes] | Damage]:
     """Yield ``(offset, payload)`` for each record from ``start``, then a :class:`Damage`
-    if the data does not end exactly at a record boundary."""
+    if the data does not end exactly at a record boundary.
+
+    Damage is a torn final write (``at_tail``) unless a valid record that ``belongs`` to
+    the file (checked on its payload when the damage is found) starts somewhere after it:
+    a record whose bytes merely appear inside a torn record's value does not count."""
     pos = start
     end = len(data)
     while pos < end:
@@ -51,27 +57,30 @@ def iter_records(data: bytes, start: int) -> Iterator[tuple[int, bytes] | Damage
             return
         if body + length > end:
             # a torn write, or a damaged length field with good records after it
-            yield Damage(pos, "record cut short", at_tail=not _record_follows(data, pos + 1))
+            yield Damage(pos, "record cut short",
+                         at_tail=not _record_follows(data, pos + 1, belongs))
             return
         payload = data[body : body + length]
         if zlib.crc32(payload, zlib.crc32(length.to_bytes(4, "big"))) != crc:
             yield Damage(pos, "checksum mismatch", at_tail=body + length == end
-                         and not _record_follows(data, pos + 1))
+                         and not _record_follows(data, pos + 1, belongs))
             return
         yield pos, payload
         pos = body + length
 
 
-def _record_follows(data: bytes, start: int) -> bool:
-    """Whether a whole, valid record begins anywhere from ``start``: then the damage before
-    it is not a torn final write. Only runs when damage was found."""
+def _record_follows(data: bytes, start: int, belongs: Callable[[bytes], bool]) -> bool:
+    """Whether a whole, valid record of this file begins anywhere from ``start``: then the
+    damage before it is not a torn final write. Only runs when damage was found."""
     end = len(data)
     for pos in range(start, end - RECORD_HEADER.size):
         length, crc = RECORD_HEADER.unpack_from(data, pos)
         body = pos + RECORD_HEADER.size
-        if 0 < length <= end - body and zlib.crc32(
-                data[body : body + length], zlib.crc32(length.to_bytes(4, "big"))) == crc:
-            return True
+        if 0 < length <= end - body:
+            payload = data[body : body + length]
+            if zlib.crc32(payload, zlib.crc32(length.to_bytes(4, "big"))) == crc \
+                    and belongs(payload):
+                return True
     return False
 
 

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import BadRequest, CorruptLog, StorageFailure
+from cluster.errors import CorruptLog, ProtocolError, StorageFailure, reason
 from cluster.storage.records import Damage, encode_record, fsync_dir, iter_records, write_all
 from cluster.types import Entry
 from cluster.wire import codec
@@ -111,7 +111,16 @@ class WAL:
             raise CorruptLog(f"{seg.path}: expected a segment starting at {expect}. {advice}")
         entries: list[Entry] = []
         want = seg.first
-        for rec in iter_records(data, len(MAGIC)):
+
+        def later_entry(payload: bytes) -> bool:
+            """A valid record after damage is this log's only if it holds a later entry
+            (not, say, bytes of a record stored inside the torn entry's value)."""
+            try:
+                return codec.unpack_entry(payload).index > want
+            except ProtocolError:
+                return False
+
+        for rec in iter_records(data, len(MAGIC), later_entry):
             if isinstance(rec, Damage):
                 if last and rec.at_tail:
                     log.warning("%s: %s at offset %d after entry %d; truncating the torn "
@@ -127,7 +136,7 @@ class WAL:
             offset, payload = rec
             try:
                 entry = codec.unpack_entry(payload)
-            except BadRequest as exc:
+            except ProtocolError as exc:
                 raise CorruptLog(f"{seg.path}: bad entry at offset {offset}: {exc}. {advice}")\
                     from exc
             if entry.index != want:
@@ -149,7 +158,8 @@ class WAL:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 log.exception("could not cut a failed write back out of %s", self.directory)
-            raise StorageFailure(f"could not write to the log: {exc.strerror}") from exc
+            raise StorageFailure(f"could not write to the log: {exc.strerror or reason(exc)}") \
+                from exc
         self._size += len(data)
 
     def sync(self) -> None:
@@ -174,7 +184,8 @@ class WAL:
             seg = self._create(self.directory, first)
         except OSError as exc:
             (self.directory / segment_name(first)).unlink(missing_ok=True)
-            raise StorageFailure(f"could not start a new log segment: {exc.strerror}") from exc
+            raise StorageFailure(
+                f"could not start a new log segment: {exc.strerror or reason(exc)}") from exc
         return seg, os.open(seg.path, os.O_WRONLY | os.O_APPEND)
 
     def drop_through(self, index: int) -> None:

@@ -275,16 +275,12 @@ def test_a_flipped_bit_in_the_snapshot_or_meta_file_is_a_clear_corruption_error(
             assert "bad magic" in message
 
 
-# --- a known limit of the torn-tail heuristic ---------------------------------------------------
+# --- the torn-tail heuristic and records inside values -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "records.iter_records treats damage as a torn write only if no valid record starts "
-    "anywhere after it (_record_follows scans byte by byte). A torn final entry whose "
-    "value embeds the bytes of a whole valid record (a stored copy of a replkv file, say) "
-    "is therefore reported as corruption in the middle, and the node refuses to start "
-    "instead of cutting the torn tail."))
 def test_a_torn_entry_whose_value_embeds_a_record_is_still_a_torn_tail(tmp_path: Path) -> None:
+    """Damage counts as corruption in the middle only when a later entry of this log
+    follows it; a whole valid record stored inside the torn entry's value does not."""
     embedded = encode_record(b"a record stored as a value")
     entries = [Entry(1, 1, 1, Op.SET, "k", "v"),
                Entry(2, 1, 2, Op.SET, "backup", b"\x01" * 8 + embedded + b"\x02" * 64)]
