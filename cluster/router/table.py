@@ -139,9 +139,9 @@ class RoutingTable:
                  if v.up and v.role == "slave" and v.node not in exclude
                  and not self.within_time_bound(v.node, now)]
         if min_index == 0 and stale and self.master() is None:
-            return (f"no master is reachable, and no slave that is up has heard from one "
-                    f"within {self.max_lag_ms} ms (max-lag-ms): {', '.join(stale)} may be "
-                    f"stale")
+            return (f"no master is reachable, and no slave is in contact with one (a "
+                    f"replication session up and word from the master within "
+                    f"{self.max_lag_ms} ms, max-lag-ms): {', '.join(stale)} may be stale")
         return "no node that can serve this read is reachable"
 
     def view(self) -> list[dict[str, Any]]:
