@@ -37,10 +37,10 @@ from cluster.types import NodeId
               show_default=True, help="Slaves further behind than this many entries get no "
               "reads.")
 @click.option("--max-lag-ms", type=click.IntRange(0), default=1_000, envvar="REPL_MAX_LAG_MS",
-              show_default=True, help="A slave that has not heard from the master within this "
-              "many milliseconds, or that the master reports lagging by more, gets no default "
-              "reads (they go to the master; with no master, they fail: unavailable). 0 turns "
-              "the time bound off.")
+              show_default=True, help="A slave whose replication session is down, that has "
+              "not heard from the master within this many milliseconds, or that the master "
+              "reports lagging by more, gets no default reads (they go to the master; with no "
+              "master, they fail: unavailable). 0 turns the time bound off.")
 @limit_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))

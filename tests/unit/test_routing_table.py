@@ -6,8 +6,10 @@ import random
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from cluster.config import Address
+from cluster.cli.router import main as router_main
+from cluster.config import Address, RouterConfig
 from cluster.router.table import RoutingTable
 from cluster.types import NodeId
 from tests.unit.test_protocol_doc import DOC, _table
@@ -185,3 +187,27 @@ def test_status_rows_have_the_documented_fields(up: bool) -> None:
         t.failed(N2, "timed out")
     row = next(r for r in t.view() if r["id"] == "n2")
     assert set(row) == documented - ({"error"} if up else set())
+
+
+# --- the option ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-lag-ms", "150"], "max-lag-ms 150 must exceed the health interval (200 ms)"),
+    (["--max-lag-ms", "600", "--health-interval", "0.6", "--node-timeout", "2"],
+     "must exceed the health interval (600 ms)"),
+    (["--max-lag-ms", "-1"], "-1 is not in the range x>=0"),
+    (["--max-lag-ms", "soon"], "'soon' is not a valid integer"),
+])
+def test_a_bad_max_lag_ms_is_one_clear_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(router_main, [
+        "--listen", "127.0.0.1:0", "--cluster", "n1=127.0.0.1:7001", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+
+
+def test_max_lag_ms_defaults_to_1000_and_0_is_accepted() -> None:
+    assert RouterConfig(Address("127.0.0.1", 0), dict(NODES)).max_lag_ms == 1000
+    option = next(p for p in router_main.params if p.name == "max_lag_ms")
+    assert option.default == 1000 and option.envvar == "REPL_MAX_LAG_MS"
+    RouterConfig(Address("127.0.0.1", 0), dict(NODES), max_lag_ms=0).validate()
