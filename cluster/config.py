@@ -146,6 +146,9 @@ class RouterConfig:
     health_interval: float = 0.2  # seconds between health probes of each node
     node_timeout: float = 1.0  # a node that has not answered for this long is down
     max_lag: int = 10_000  # slaves further behind than this many entries get no reads
+    # a slave that has not heard from the master within this many milliseconds (or that the
+    # master reports lagging by more) gets no default reads; 0 turns the bound off
+    max_lag_ms: int = 1_000
     seed: int | None = None  # for the random choice of slave, in tests
 
     def validate(self) -> None:
@@ -155,6 +158,13 @@ class RouterConfig:
             raise ConfigError("the health interval must be positive and below the node timeout")
         if self.max_lag < 0:
             raise ConfigError("max lag must be >= 0")
+        if self.max_lag_ms < 0:
+            raise ConfigError("max-lag-ms must be >= 0 (0 turns the time bound off)")
+        if 0 < self.max_lag_ms <= self.health_interval * 1000:
+            raise ConfigError(
+                f"max-lag-ms {self.max_lag_ms} must exceed the health interval "
+                f"({self.health_interval * 1000:g} ms), or be 0 to turn the time bound off: "
+                f"a slave's figures are up to one interval old when a read is routed")
 
 
 _WILDCARDS = {"0.0.0.0", "::"}

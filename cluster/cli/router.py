@@ -36,12 +36,17 @@ from cluster.types import NodeId
 @click.option("--max-lag", type=click.IntRange(0), default=10_000, envvar="REPL_MAX_LAG",
               show_default=True, help="Slaves further behind than this many entries get no "
               "reads.")
+@click.option("--max-lag-ms", type=click.IntRange(0), default=1_000, envvar="REPL_MAX_LAG_MS",
+              show_default=True, help="A slave whose replication session is down, that has "
+              "not heard from the master within this many milliseconds, or that the master "
+              "reports lagging by more, gets no default reads (they go to the master; with no "
+              "master, they fail: unavailable). 0 turns the time bound off.")
 @limit_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
 def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: float,
-         node_timeout: float, max_lag: int, max_frame: int, max_key_size: int,
+         node_timeout: float, max_lag: int, max_lag_ms: int, max_frame: int, max_key_size: int,
          max_value_size: int, log_level: str, debug: bool) -> None:
     """Run the replkv router: writes to the master, reads to a random live slave."""
     setup_logging(log_level)
@@ -49,7 +54,7 @@ def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: f
         config = RouterConfig(listen=listen, cluster=cluster_map,
                               limits=limits_from(max_frame, max_key_size, max_value_size),
                               health_interval=health_interval, node_timeout=node_timeout,
-                              max_lag=max_lag)
+                              max_lag=max_lag, max_lag_ms=max_lag_ms)
         config.validate()
     except ReplError as exc:
         raise click.UsageError(str(exc)) from exc

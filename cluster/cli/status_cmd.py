@@ -12,7 +12,8 @@ from cluster.config import Address
 
 # What a down node's row cannot know: the router's last figures for it are old, and shown
 # beside the live nodes' they read as lost data.
-UNKNOWN_WHEN_DOWN = ("epoch", "last_index", "applied_index", "lag_entries", "lag_ms")
+UNKNOWN_WHEN_DOWN = ("epoch", "last_index", "applied_index", "lag_entries", "lag_ms",
+                     "majority_index", "last_contact_ms")
 HEALTH_TIMEOUT = 3.0
 
 
@@ -22,7 +23,11 @@ def status_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
     if "nodes" not in status:
         row = {k: status.get(k) for k in ("address", "role", "epoch", "last_index",
                                           "applied_index")}
-        row.update(id=status.get("node"), up=True, lag_entries=None, lag_ms=None)
+        link = status.get("master_link")
+        row.update(id=status.get("node"), up=True, lag_entries=None, lag_ms=None,
+                   majority_index=status.get("majority_index"),
+                   last_contact_ms=link.get("last_contact_ms")
+                   if isinstance(link, dict) else None)
         return [row]
     rows = []
     for node in status["nodes"]:
@@ -38,13 +43,15 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     def cell(v: Any) -> str:
         return "-" if v is None else str(v)
 
-    headers = ["ID", "ADDRESS", "ROLE", "STATE", "LAST ID", "APPLIED", "LAG", "LAG MS"]
+    headers = ["ID", "ADDRESS", "ROLE", "STATE", "EPOCH", "LAST ID", "APPLIED", "MAJORITY",
+               "LAG", "LAG MS", "HEARD MS"]
     table = [headers]
     for r in rows:
         table.append([cell(r["id"]), cell(r["address"]), str(r.get("role") or "?"),
-                      "up" if r["up"] else "DOWN", cell(r.get("last_index")),
-                      cell(r.get("applied_index")), cell(r.get("lag_entries")),
-                      cell(r.get("lag_ms"))])
+                      "up" if r["up"] else "DOWN", cell(r.get("epoch")),
+                      cell(r.get("last_index")), cell(r.get("applied_index")),
+                      cell(r.get("majority_index")), cell(r.get("lag_entries")),
+                      cell(r.get("lag_ms")), cell(r.get("last_contact_ms"))])
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)
@@ -54,8 +61,9 @@ def format_status(rows: list[dict[str, Any]]) -> str:
 @output_options
 @click.pass_obj
 def status(ctx: Ctx) -> None:
-    """For each node: id, address, role, up or down, last log id, applied id and lag
-    (``-`` when unknown, as for a node that is down)."""
+    """For each node: id, address, role, up or down, epoch, last log id, applied id, the
+    master's majority id, lag, and how long ago a slave last heard from the master (``-``
+    when unknown, as for a node that is down)."""
     data = ctx.run(lambda c: c.status())
     rows = status_rows(data)
     if ctx.json:

@@ -49,7 +49,8 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         config.validate()
         self.config = config
-        self.table = RoutingTable(config.cluster, config.max_lag, random.Random(config.seed))
+        self.table = RoutingTable(config.cluster, config.max_lag, config.max_lag_ms,
+                                  random.Random(config.seed))
         self._links: dict[NodeId, Connection] = {}
         self._stop = asyncio.Event()
         self._streams: set[FramedStream] = set()
@@ -114,6 +115,7 @@ class Router:
 
     async def _probe(self, node: NodeId, conn: Connection) -> None:
         """Ask one node for its status and record it; a failure marks the node down."""
+        sent = time.monotonic()
         try:
             reply = await conn.call(Status(conn.next_id()), timeout=self.config.node_timeout)
             if isinstance(reply, ErrorReply):
@@ -122,7 +124,7 @@ class Router:
             self._node_failed(node, conn, reason(exc))
             return
         was_up = self.table.views[node].up
-        self.table.update(node, reply.fields)
+        self.table.update(node, reply.fields, sent)
         if not was_up:
             log.info("node %s at %s is up (%s)", node, self.config.cluster[node],
                      reply.fields.get("role"))
@@ -183,13 +185,16 @@ class Router:
                                     "nodes": self.table.view()}))
 
     def _read(self, msg: Get | Scan, client: _Client, tried: frozenset[NodeId]) -> None:
+        why = "no node that can serve this read is reachable"
         if isinstance(msg, Get) and msg.consistency is Consistency.STRONG:
             node = self.table.master() if not tried else None
         else:
-            node = self.table.pick_read(msg.min_index, tried)
+            now = time.monotonic()
+            node = self.table.pick_read(now, msg.min_index, tried)
+            if node is None:
+                why = self.table.no_read_reason(now, msg.min_index, tried)
         if node is None:
-            client.finished(ErrorReply(msg.id, Unavailable.code,
-                                       "no node that can serve this read is reachable"))
+            client.finished(ErrorReply(msg.id, Unavailable.code, why))
             return
         self._forward(msg, node, client, tried)
 

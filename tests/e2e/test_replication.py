@@ -134,7 +134,16 @@ async def test_writes_fail_clearly_while_the_master_is_down(cluster: LocalCluste
     await wait_for(master_marked_down, "the router to mark the master down")
     with pytest.raises(ReplError, match="unavailable"):
         await client.set("lost", "no")
-    assert (await client.get("stable")).value == "yes"
+    # the slaves' sessions closed with the master: default reads fail too (--max-lag-ms),
+    # once the router's probes have seen that
+    async def reads_refused() -> bool:
+        try:
+            await client.get("stable")
+        except ReplError as exc:
+            return "unavailable: no master is reachable, and no slave" in str(exc)
+        return False
+
+    await wait_for(reads_refused, "default reads to be refused", timeout=5)
 
 
 async def test_slave_behind_a_compaction_gets_snapshot_then_tail(

@@ -26,3 +26,19 @@ async def test_status_fields_are_the_documented_ones(cluster: LocalCluster) -> N
     assert set(master) == common | _documented("status-master")
     assert set(slave) == common | _documented("status-slave")
     assert slave["master_link"]["state"] == "streaming"
+
+
+async def test_router_status_rows_are_the_documented_ones(cluster: LocalCluster) -> None:
+    documented = _documented("status-router-node")
+    await cluster.kill("n3")
+
+    async def n3_down() -> bool:
+        return not (await node_status(cluster.router_address))["nodes"][2]["up"]
+
+    await wait_for(n3_down, "the router to mark n3 down")
+    rows = {r["id"]: r for r in (await node_status(cluster.router_address))["nodes"]}
+    assert set(rows["n3"]) == documented
+    for n in ("n1", "n2", "n4"):
+        assert set(rows[n]) == documented - {"error"}, n
+    assert rows["n1"]["majority_index"] == rows["n1"]["last_index"]
+    assert isinstance(rows["n2"]["last_contact_ms"], int)

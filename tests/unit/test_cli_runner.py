@@ -170,25 +170,61 @@ ROUTER_STATUS_MASTER_DOWN = {
     "nodes": [
         {"id": "n1", "address": "127.0.0.1:7001", "role": "master", "up": False, "epoch": 1,
          "last_index": 64, "applied_index": 64, "lag_entries": None, "lag_ms": None,
-         "error": "connection refused"},
+         "majority_index": 63, "last_contact_ms": None, "error": "connection refused"},
         {"id": "n2", "address": "127.0.0.1:7002", "role": "slave", "up": True, "epoch": 1,
-         "last_index": 65, "applied_index": 65, "lag_entries": None, "lag_ms": None},
+         "last_index": 65, "applied_index": 65, "lag_entries": None, "lag_ms": None,
+         "majority_index": None, "last_contact_ms": 1450},
+        {"id": "n3", "address": "127.0.0.1:7003", "role": "slave", "up": False, "epoch": 1,
+         "last_index": 60, "applied_index": 60, "lag_entries": 4, "lag_ms": 12,
+         "majority_index": None, "last_contact_ms": 30, "error": "timed out"},
+    ],
+}
+
+ROUTER_STATUS_ALL_UP = {
+    "router": "127.0.0.1:7000", "master": "n1",
+    "nodes": [
+        {"id": "n1", "address": "127.0.0.1:7001", "role": "master", "up": True, "epoch": 2,
+         "last_index": 70, "applied_index": 70, "lag_entries": 0, "lag_ms": 0,
+         "majority_index": 69, "last_contact_ms": None},
+        {"id": "n2", "address": "127.0.0.1:7002", "role": "slave", "up": True, "epoch": 2,
+         "last_index": 68, "applied_index": 68, "lag_entries": 2, "lag_ms": 7,
+         "majority_index": None, "last_contact_ms": 45},
     ],
 }
 
 
 def test_status_shows_a_dash_for_what_a_down_node_cannot_tell() -> None:
     rows = status_rows(ROUTER_STATUS_MASTER_DOWN)
-    n1 = rows[0]
+    n1, n2, n3 = rows
     assert (n1["last_index"], n1["applied_index"], n1["epoch"]) == (None, None, None)
-    assert n1["error"] == "connection refused" and rows[1]["applied_index"] == 65
+    assert n1["majority_index"] is None and n3["last_contact_ms"] is None
+    assert n1["error"] == "connection refused" and n2["applied_index"] == 65
     lines = format_status(rows).splitlines()
-    assert lines[1].split() == ["n1", "127.0.0.1:7001", "master", "DOWN", "-", "-", "-", "-"]
-    assert lines[2].split() == ["n2", "127.0.0.1:7002", "slave", "up", "65", "65", "-", "-"]
+    assert lines[0].split() == ["ID", "ADDRESS", "ROLE", "STATE", "EPOCH", "LAST", "ID",
+                                "APPLIED", "MAJORITY", "LAG", "LAG", "MS", "HEARD", "MS"]
+    assert lines[1].split() == ["n1", "127.0.0.1:7001", "master", "DOWN", *"-" * 7]
+    assert lines[2].split() == ["n2", "127.0.0.1:7002", "slave", "up", "1", "65", "65", "-",
+                                "-", "-", "1450"]
+    assert lines[3].split() == ["n3", "127.0.0.1:7003", "slave", "DOWN", *"-" * 7]
+
+
+def test_status_shows_epoch_majority_index_and_how_long_ago_slaves_heard() -> None:
+    rows = status_rows(ROUTER_STATUS_ALL_UP)
+    assert rows == ROUTER_STATUS_ALL_UP["nodes"]  # --json prints these rows as they are
+    lines = format_status(rows).splitlines()
+    assert lines[1].split() == ["n1", "127.0.0.1:7001", "master", "up", "2", "70", "70",
+                                "69", "0", "0", "-"]
+    assert lines[2].split() == ["n2", "127.0.0.1:7002", "slave", "up", "2", "68", "68", "-",
+                                "2", "7", "45"]
 
 
 def test_status_of_a_node_asked_directly_is_one_row() -> None:
     rows = status_rows({"node": "n2", "address": "127.0.0.1:7002", "role": "slave",
-                        "epoch": 1, "last_index": 5, "applied_index": 5})
+                        "epoch": 1, "last_index": 5, "applied_index": 5,
+                        "master_link": {"up": True, "last_contact_ms": 80}})
     assert format_status(rows).splitlines()[1].split() == [
-        "n2", "127.0.0.1:7002", "slave", "up", "5", "5", "-", "-"]
+        "n2", "127.0.0.1:7002", "slave", "up", "1", "5", "5", "-", "-", "-", "80"]
+    rows = status_rows({"node": "n1", "address": "127.0.0.1:7001", "role": "master",
+                        "epoch": 3, "last_index": 9, "applied_index": 9, "majority_index": 8})
+    assert format_status(rows).splitlines()[1].split() == [
+        "n1", "127.0.0.1:7001", "master", "up", "3", "9", "9", "8", "-", "-", "-"]

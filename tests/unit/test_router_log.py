@@ -82,8 +82,9 @@ async def master() -> AsyncIterator[FakeMaster]:
 @pytest.fixture
 async def router(master: FakeMaster) -> AsyncIterator[Router]:
     # probes far apart, so that the write, not a probe, is what finds the master gone
+    # (max-lag-ms must exceed the health interval; this test makes no reads: off)
     config = RouterConfig(Address("127.0.0.1", 0), {N1: Address("127.0.0.1", master.port)},
-                          health_interval=1.5, node_timeout=3.0)
+                          health_interval=1.5, node_timeout=3.0, max_lag_ms=0)
     r = Router(config)
     ready = asyncio.Event()
     task = asyncio.create_task(r.run(lambda _: ready.set()))
