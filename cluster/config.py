@@ -147,12 +147,17 @@ class RouterConfig:
     node_timeout: float = 1.0  # a node that has not answered for this long is down
     max_lag: int = 10_000  # slaves further behind than this many entries get no reads
     seed: int | None = None  # for the random choice of slave, in tests
+    # seconds a forwarded request may wait for its node's reply (a write that names a longer
+    # timeout_ms gets that plus a second); above the master's default write timeout (5 s)
+    request_timeout: float = 8.0
 
     def validate(self) -> None:
         self.limits.validate()
         _check_cluster(self.cluster)
         if not 0 < self.health_interval < self.node_timeout:
             raise ConfigError("the health interval must be positive and below the node timeout")
+        if not self.request_timeout > 0:
+            raise ConfigError("the request timeout must be positive")
         if self.max_lag < 0:
             raise ConfigError("max lag must be >= 0")
 

@@ -681,12 +681,12 @@ def test_replies_wait_for_their_acknowledgement_level() -> None:
     sync(m, fresh_slave(SLAVES[1]))
     assert write(m, 1, durable=False, client=c).replies == []  # not yet fsynced
     out = m.persisted(1)
-    assert [r for _, r in out.replies] == [Reply(1, {"index": 1, "epoch": 1})]
+    assert [r for _, r in out.replies] == [Reply(1, {"index": 1, "epoch": 1, "copies": 1})]
     assert write(m, 1, acks=Acks.MAJORITY, client=c).replies == []  # durable here only
     m.on_ack(SLAVES[0], 1, 2, 0)
     assert m.on_ack(SLAVES[0], 1, 2, 0).replies == []  # 2 of 4
     (released,) = m.on_ack(SLAVES[1], 1, 2, 0).replies
-    assert released == (c, Reply(1, {"index": 2, "epoch": 1}))
+    assert released == (c, Reply(1, {"index": 2, "epoch": 1, "copies": 3}))
 
 
 def test_majority_writes_fail_when_the_quorum_is_lost_and_when_the_role_ends() -> None:
@@ -701,7 +701,8 @@ def test_majority_writes_fail_when_the_quorum_is_lost_and_when_the_role_ends() -
     assert isinstance(failed[1], ErrorReply) and failed[1].code == "no_quorum"
     write(m, 1, durable=False, client=c)
     (closed,) = m.close(ErrorReply(0, "shutting_down", "bye")).replies
-    assert closed[1] == ErrorReply(1, "shutting_down", "bye")
+    assert closed[1] == ErrorReply(1, "shutting_down", "bye", applied="unknown", index=2,
+                                   epoch=1)
 
 
 def test_a_failed_write_releases_its_waiter_with_the_error() -> None:
@@ -709,7 +710,7 @@ def test_a_failed_write_releases_its_waiter_with_the_error() -> None:
     c = Client()
     ready = m.propose(c, 7, Op.SET, "k", "v", Acks.ASYNC, 0, 0)
     out = m.failed(ready, StorageFailure("disk full"))
-    assert [r for _, r in out.replies] == [ErrorReply(7, "storage", "disk full")]
+    assert [r for _, r in out.replies] == [ErrorReply(7, "storage", "disk full", applied="no")]
     assert m.log.last_index == 0 and m.persisted(1).replies == []
 
 
