@@ -230,19 +230,18 @@ class MasterCore:
         """Writes waiting for more nodes than are in contact fail at once (they may still
         take effect, should the nodes come back)."""
         live = self.live(now_ms)
+        unmet: list[Waiter] = []
         for need, queue in self._copies.items():
-            if need <= live or not queue:
-                continue
-            while queue:
-                w = queue.popleft()
-                if w.done:
-                    continue
-                text = (f"entry {w.index} is durable on the master but a majority could not "
-                        "be confirmed; it may or may not survive a failover"
-                        if need == self.majority else
-                        f"entry {w.index} is durable on the master but {need} nodes could not "
-                        f"be confirmed ({live} in contact); it may still be applied")
-                out.replies.append((w.client, self._unknown(w, NoQuorum.code, text)))
+            if need > live:
+                unmet.extend(w for w in queue if not w.done)
+                queue.clear()
+        for w in sorted(unmet, key=lambda w: w.index):
+            text = (f"entry {w.index} is durable on the master but a majority could not be "
+                    "confirmed; it may or may not survive a failover"
+                    if w.need == self.majority else
+                    f"entry {w.index} is durable on the master but {w.need} nodes could not "
+                    f"be confirmed ({live} in contact); it may still be applied")
+            out.replies.append((w.client, self._unknown(w, NoQuorum.code, text)))
 
     def close(self, why: ErrorReply) -> Ready:
         """The role ends: every waiting writer gets ``why`` (with its own request id), in
