@@ -189,6 +189,7 @@ class MasterCore:
                       reverse=True)
 
     def _ok(self, w: Waiter, held: list[int]) -> Reply:
+        w.done = True
         return Reply(w.rid, {"index": w.index, "epoch": self._epoch,
                              "copies": _copies(held, w.index)})
 
@@ -203,7 +204,6 @@ class MasterCore:
             while queue and (queue[0].done or queue[0].index <= done):
                 w = queue.popleft()
                 if not w.done:
-                    w.done = True
                     out.replies.append((w.client, self._ok(w, held)))
 
     def _unknown(self, w: Waiter, code: str, text: str) -> ErrorReply:

@@ -139,6 +139,14 @@ def test_an_async_write_with_a_timeout_times_out_while_its_disk_is_slow() -> Non
     assert m.persisted(1).replies == []  # the sync completes later: nothing more to say
 
 
+def test_a_write_released_in_time_does_not_time_out_later() -> None:
+    m = make()
+    assert propose(m, 1, Acks.ASYNC, timeout_ms=50) == [ok(1, 1, 1)]
+    assert propose(m, 2, Acks(1), timeout_ms=50) == []
+    assert ack(m, SLAVES[0], 2) == [ok(2, 2, 2)]
+    assert m.tick(100).replies == []
+
+
 def test_timeouts_are_released_in_deadline_order() -> None:
     m = make()
     propose(m, 1, Acks.ALL, timeout_ms=300)
