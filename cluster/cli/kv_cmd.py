@@ -18,7 +18,10 @@ from cluster.wire.codec import MAX_TIMEOUT_MS
 F = TypeVar("F", bound=Callable[..., Any])
 
 class AcksType(click.ParamType):  # type: ignore[type-arg]
-    name = "async|majority|all|N"
+    name = "acks"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[async|majority|all|N]"
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Acks:
@@ -39,10 +42,10 @@ TIMEOUT_HELP = ("How long the master waits for the copies --acks asks for (defau
 
 def write_options(f: F) -> F:
     """``--acks`` and ``--timeout-ms``, shared by ``write`` and ``delete``."""
-    f = click.option("--acks", type=AcksType(), default="async", show_default=True,
-                     help=ACKS_HELP)(f)
-    return click.option("--timeout-ms", type=click.IntRange(1, MAX_TIMEOUT_MS), default=None,
-                        help=TIMEOUT_HELP)(f)
+    f = click.option("--timeout-ms", type=click.IntRange(1, MAX_TIMEOUT_MS), default=None,
+                     help=TIMEOUT_HELP)(f)
+    return click.option("--acks", type=AcksType(), default="async", show_default=True,
+                        help=ACKS_HELP)(f)
 
 
 def format_items(items: list[tuple[str, Value]]) -> list[str]:
@@ -62,17 +65,15 @@ def written(token: Token, copies: bool = False) -> str:
 def run_write(ctx: Ctx, acks: Acks, fn: Callable[[Client], Awaitable[Token]]) -> None:
     """Run a write and print its outcome; with ``--json`` an error is printed as JSON
     too (its code, message and outcome fields), with exit status 1."""
-    async def go(c: Client) -> Token | ReplError:
-        try:
-            return await fn(c)
-        except ReplError as exc:
-            if not ctx.json:
-                raise
-            return exc
-    result = ctx.run(go)
-    if isinstance(result, ReplError):
-        echo_json({"ok": False, "code": result.code, "message": str(result),
-                   "applied": result.applied, "index": result.index, "epoch": result.epoch})
+    try:
+        result = ctx.run(fn)
+    except click.ClickException as exc:
+        err = exc.__cause__
+        if not ctx.json or not isinstance(err, ReplError):
+            raise
+        echo_json({"ok": False, "code": err.code, "message": str(err),
+                   # no outcome: the client could not even connect, so nothing was sent
+                   "applied": err.applied or "no", "index": err.index, "epoch": err.epoch})
         sys.exit(1)
     if ctx.json:
         echo_json({"index": result.index, "epoch": result.epoch, "token": str(result),

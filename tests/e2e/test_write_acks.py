@@ -136,7 +136,7 @@ async def test_the_router_answers_unknown_when_the_master_does_not_answer_in_tim
     cl = await make(DEADLINE_ROUTER)
     r = cl.router_address
     reader, writer = await asyncio.open_connection(r.host, r.port)
-    decoder, pending = FrameDecoder(1 << 24), []
+    decoder, pending = FrameDecoder(1 << 24), list[bytes]()
     try:
         cl.signal("n1", signal.SIGSTOP)
         try:
