@@ -1,5 +1,6 @@
 """The master's replication state: the log and the map, what each slave has, what to send it
-next, which writes a majority holds, and which client replies may go out.
+next, how many nodes hold each write, and which client replies may go out (a write waits
+for the copies its ``acks`` level needs, at most its timeout).
 
 Every input is a method call that returns a :class:`~cluster.core.state.Ready`; the shell
 persists, sends and replies what it says and calls :meth:`MasterCore.advance`. Time comes in

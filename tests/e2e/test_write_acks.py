@@ -20,10 +20,10 @@ from cluster.client import Client
 from cluster.config import Address, Limits
 from cluster.errors import BadRequest, RequestTimeout
 from cluster.local import LocalCluster
-from cluster.types import Acks
+from cluster.types import Acks, Consistency
 from cluster.wire import codec
 from cluster.wire.framing import FrameDecoder
-from cluster.wire.messages import ErrorReply, Ping, Reply, Set
+from cluster.wire.messages import ErrorReply, Get, Ping, Reply, Set
 from tests.e2e.conftest import FAST_ROUTER, node_items, wait_applied
 
 pytestmark = pytest.mark.e2e
@@ -146,16 +146,22 @@ async def test_the_router_answers_unknown_when_the_master_does_not_answer_in_tim
             assert isinstance(reply, ErrorReply), reply
             assert (reply.id, reply.code, reply.applied) == (7, "timeout", "unknown")
             assert "did not answer within 0.5s" in reply.message
+            # a strong read goes to the master too: a plain timeout, no outcome
+            writer.write(codec.frame(Get(8, "k", consistency=Consistency.STRONG)))
+            async with asyncio.timeout(10):
+                read = await _read_frame(reader, decoder, pending)
+            assert isinstance(read, ErrorReply), read
+            assert (read.id, read.code, read.applied) == (8, "timeout", None)
         finally:
             cl.signal("n1", signal.SIGCONT)
         # the master carries the write out after all; its late reply goes nowhere
         await wait_applied(cl, "n1", 1)
         assert await node_items(cl.addresses["n1"]) == {"k": "late"}
-        writer.write(codec.frame(Ping(8)) + codec.frame(Set(9, "k", "next")))
+        writer.write(codec.frame(Ping(10)) + codec.frame(Set(9, "k", "next")))
         async with asyncio.timeout(10):
             ping = await _read_frame(reader, decoder, pending)
             second = await _read_frame(reader, decoder, pending)
-        assert isinstance(ping, Reply) and ping.id == 8, ping
+        assert isinstance(ping, Reply) and ping.id == 10, ping
         assert isinstance(second, Reply) and second.id == 9 and second.fields["index"] == 2
     finally:
         writer.close()
