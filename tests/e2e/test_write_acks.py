@@ -18,7 +18,7 @@ import pytest
 
 from cluster.client import Client
 from cluster.config import Address, Limits
-from cluster.errors import BadRequest, RequestTimeout
+from cluster.errors import BadRequest, NetworkError, RequestTimeout
 from cluster.local import LocalCluster
 from cluster.types import Acks, Consistency
 from cluster.wire import codec
@@ -165,3 +165,35 @@ async def test_the_router_answers_unknown_when_the_master_does_not_answer_in_tim
         assert isinstance(second, Reply) and second.id == 9 and second.fields["index"] == 2
     finally:
         writer.close()
+
+
+# --- what the client library says when no reply comes ---------------------------------------------
+
+
+async def test_the_client_reports_its_own_give_ups_as_unknown_and_unsent_writes_as_no(
+) -> None:
+    """A server that reads and never answers: the client's own timeout makes a write
+    `unknown` (it was sent); after the connection is gone, a write is `no` (never sent)."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        addr = Address("127.0.0.1", server.sockets[0].getsockname()[1])
+        c = await Client.connect(addr, timeout=0.2)
+        with pytest.raises(RequestTimeout) as info:
+            await c.set("k", "v")
+        assert (info.value.applied, info.value.index) == ("unknown", None)
+        assert str(info.value).endswith("(applied: unknown)")
+        await c.close()
+        with pytest.raises(NetworkError) as closed:
+            await c.delete("k")
+        assert closed.value.applied == "no"
+        async with await Client.connect(addr, timeout=0.2) as reader:
+            with pytest.raises(RequestTimeout) as read:  # a read has no outcome to report
+                await reader.get("k")
+        assert read.value.applied is None
+    finally:
+        server.close()
+        await server.wait_closed()
