@@ -150,12 +150,17 @@ class RouterConfig:
     # master reports lagging by more) gets no default reads; 0 turns the bound off
     max_lag_ms: int = 1_000
     seed: int | None = None  # for the random choice of slave, in tests
+    # seconds a forwarded request may wait for its node's reply (a write that names a longer
+    # timeout_ms gets that plus a second); above the master's default write timeout (5 s)
+    request_timeout: float = 8.0
 
     def validate(self) -> None:
         self.limits.validate()
         _check_cluster(self.cluster)
         if not 0 < self.health_interval < self.node_timeout:
             raise ConfigError("the health interval must be positive and below the node timeout")
+        if not self.request_timeout > 0:
+            raise ConfigError("the request timeout must be positive")
         if self.max_lag < 0:
             raise ConfigError("max lag must be >= 0")
         if self.max_lag_ms < 0:

@@ -9,10 +9,25 @@ from __future__ import annotations
 
 
 class ReplError(Exception):
-    """Base of every replkv error."""
+    """Base of every replkv error.
+
+    An error of a write (``set``/``delete``) says what became of it in ``applied``:
+    ``"no"`` (it took no effect: safe to retry), ``"yes"``, or ``"unknown"`` (it may
+    still take effect: read before retrying); ``index`` and ``epoch`` say where its entry is
+    in the log when it got one. All three are None for reads and other requests."""
 
     code = "error"
     retriable = False
+    applied: str | None = None
+    index: int | None = None
+    epoch: int | None = None
+
+    def outcome(self) -> str:
+        """The write's outcome as words for a message, ``""`` when there is none."""
+        if self.applied is None:
+            return ""
+        where = "" if self.index is None else f", index {self.index}"
+        return f"(applied: {self.applied}{where})"
 
 
 class ConfigError(ReplError):
@@ -30,6 +45,11 @@ class ProtocolError(ReplError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow here."""
+
+
+class ForeignPeer(RemoteProtocolError):
+    """The peer answered with bytes that are not replkv at all: it is another program (so
+    a write sent to it was not applied anywhere)."""
 
 
 class LocalProtocolError(ProtocolError):
@@ -86,7 +106,9 @@ class Unavailable(RequestFailed):
 
 
 class NoQuorum(RequestFailed):
-    """The master cannot reach a majority, so it cannot promise ``acks=majority``."""
+    """The master is not in contact with enough nodes for the acknowledgement level asked
+    (a majority for ``acks=majority``, N slaves for ``acks=N``, every node for
+    ``acks=all``), or it lost that contact while the write waited."""
 
     code = "no_quorum"
     retriable = True
@@ -120,6 +142,10 @@ class StorageFailure(RequestFailed):
 
 
 class RequestTimeout(RequestFailed):
+    """No answer in time: a write's acknowledgement level was not met within its
+    ``timeout_ms`` (the master), or a node did not answer within the deadline (the router,
+    the client). A write that timed out may still take effect (``applied: unknown``)."""
+
     code = "timeout"
     retriable = True
 
@@ -180,12 +206,27 @@ _BY_CODE: dict[str, type[ReplError]] = {
 WIRE_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
 
 
-def error_for_code(code: str, message: str) -> ReplError:
-    """The exception for an error reply received from a server."""
+def error_for_code(code: str, message: str, *, master: str | None = None,
+                   applied: str | None = None, index: int | None = None,
+                   epoch: int | None = None) -> ReplError:
+    """The exception for an error reply received from a server; its message ends with the
+    write's outcome when the reply gave one."""
     cls = _BY_CODE.get(code, RequestFailed)
-    err = cls(f"{code}: {message}")
+    err = NotMaster(f"{code}: {message}", master) if cls is NotMaster \
+        else cls(f"{code}: {message}")
     if cls is RequestFailed:
         err.code = code
+    return with_outcome(err, applied, index, epoch)
+
+
+def with_outcome(err: ReplError, applied: str | None, index: int | None = None,
+                 epoch: int | None = None) -> ReplError:
+    """``err`` (a write's error) with its outcome set, and said at the end of its message."""
+    text, said = str(err), err.outcome()
+    if said and text.endswith(" " + said):
+        text = text.removesuffix(" " + said)
+    err.applied, err.index, err.epoch = applied, index, epoch
+    err.args = (f"{text} {err.outcome()}" if applied is not None else text,)
     return err
 
 

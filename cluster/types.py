@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import NewType
+from dataclasses import dataclass, field
+from typing import ClassVar, NewType
 
 NodeId = NewType("NodeId", str)
 
@@ -35,11 +35,59 @@ class Entry:
         return 32 + 4 * len(self.key) + n
 
 
-class Acks(enum.Enum):
-    """How many copies a write needs before the master replies."""
+@dataclass(frozen=True, slots=True)
+class Acks:
+    """How many copies of a write the master waits for before it replies (``value``):
 
-    ASYNC = "async"  # durable on the master (per its fsync policy)
-    MAJORITY = "majority"  # durable on a majority of the cluster
+    - ``"async"``: the master's own (durable per its fsync policy);
+    - ``N`` (an integer >= 1): the master's and ``N`` slaves';
+    - ``"majority"``: a majority of the cluster, the master included;
+    - ``"all"``: every node of the cluster.
+
+    ``Acks("majority")`` and ``Acks(2)`` build one; :meth:`parse` also reads ``"2"`` and
+    ``0`` (which is ``async``)."""
+
+    value: str | int
+
+    ASYNC: ClassVar[Acks]
+    MAJORITY: ClassVar[Acks]
+    ALL: ClassVar[Acks]
+    NAMES: ClassVar[tuple[str, ...]] = ("async", "majority", "all")
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if isinstance(v, bool) or not (v in self.NAMES or (type(v) is int and v >= 1)):
+            raise ValueError(f"acks must be one of {', '.join(self.NAMES)} or a number of "
+                             f"slaves >= 1, not {v!r}")
+
+    @classmethod
+    def parse(cls, raw: str | int) -> Acks:
+        """``async``, ``majority``, ``all`` or a number of slaves (``0`` is ``async``)."""
+        if isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if raw == 0 and type(raw) is int:
+            return cls.ASYNC
+        return cls(raw)
+
+    def copies(self, cluster_size: int, majority: int) -> int:
+        """The copies (nodes holding the entry, the master included) this level needs."""
+        match self.value:
+            case "async":
+                return 1
+            case "majority":
+                return majority
+            case "all":
+                return cluster_size
+        assert isinstance(self.value, int)
+        return 1 + self.value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+Acks.ASYNC = Acks("async")
+Acks.MAJORITY = Acks("majority")
+Acks.ALL = Acks("all")
 
 
 class Consistency(enum.Enum):
@@ -55,6 +103,9 @@ class Token:
 
     epoch: int
     index: int
+    # how many nodes held the write when the master replied (0: not known, as for a token
+    # typed in); not part of the token's identity
+    copies: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         return f"{self.epoch}:{self.index}"

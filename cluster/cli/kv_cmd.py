@@ -3,16 +3,49 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 
 from cluster.cli.common import TOKEN, show_value
 from cluster.cli.context import Ctx, echo_json, output_options
 from cluster.client import Client
+from cluster.errors import ReplError
 from cluster.types import Acks, Token, Value
+from cluster.wire.codec import MAX_TIMEOUT_MS
 
-ACKS = click.Choice([a.value for a in Acks])
-ACKS_HELP = "async: durable on the master; majority: on a majority of nodes."
+F = TypeVar("F", bound=Callable[..., Any])
+
+class AcksType(click.ParamType):  # type: ignore[type-arg]
+    name = "acks"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[async|majority|all|N]"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Acks:
+        if isinstance(value, Acks):
+            return value
+        try:
+            return Acks.parse(str(value).strip().lower())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+ACKS_HELP = ("async: durable on the master; N: on the master and N slaves; majority: on a "
+             "majority of the nodes; all: on every node.")
+TIMEOUT_HELP = ("How long the master waits for the copies --acks asks for (default 5000 "
+                "when it needs slaves); past it the write fails with `timeout` and "
+                "applied: unknown.")
+
+
+def write_options(f: F) -> F:
+    """``--acks`` and ``--timeout-ms``, shared by ``write`` and ``delete``."""
+    f = click.option("--timeout-ms", type=click.IntRange(1, MAX_TIMEOUT_MS), default=None,
+                     help=TIMEOUT_HELP)(f)
+    return click.option("--acks", type=AcksType(), default="async", show_default=True,
+                        help=ACKS_HELP)(f)
 
 
 def format_items(items: list[tuple[str, Value]]) -> list[str]:
@@ -22,27 +55,42 @@ def format_items(items: list[tuple[str, Value]]) -> list[str]:
     return [f"{k.ljust(width)}  {show_value(v)}" for k, v in items]
 
 
-def written(token: Token) -> str:
-    """A write's outcome: where it landed, which is also its read token."""
-    return f"OK index={token.index} epoch={token.epoch} token={token}"
+def written(token: Token, copies: bool = False) -> str:
+    """A write's outcome: where it landed, which is also its read token (and with
+    ``copies``, how many nodes held it when the master replied)."""
+    text = f"OK index={token.index} epoch={token.epoch} token={token}"
+    return f"{text} copies={token.copies}" if copies else text
 
 
-def echo_written(ctx: Ctx, token: Token) -> None:
+def run_write(ctx: Ctx, acks: Acks, fn: Callable[[Client], Awaitable[Token]]) -> None:
+    """Run a write and print its outcome; with ``--json`` an error is printed as JSON
+    too (its code, message and outcome fields), with exit status 1."""
+    try:
+        result = ctx.run(fn)
+    except click.ClickException as exc:
+        err = exc.__cause__
+        if not ctx.json or not isinstance(err, ReplError):
+            raise
+        echo_json({"ok": False, "code": err.code, "message": str(err),
+                   # no outcome: the client could not even connect, so nothing was sent
+                   "applied": err.applied or "no", "index": err.index, "epoch": err.epoch})
+        sys.exit(1)
     if ctx.json:
-        echo_json({"index": token.index, "epoch": token.epoch, "token": str(token)})
+        echo_json({"index": result.index, "epoch": result.epoch, "token": str(result),
+                   "copies": result.copies})
     else:
-        click.echo(written(token))
+        click.echo(written(result, copies=acks != Acks.ASYNC))
 
 
 @click.command()
 @click.argument("key")
 @click.argument("value")
-@click.option("--acks", type=ACKS, default="async", show_default=True, help=ACKS_HELP)
+@write_options
 @output_options
 @click.pass_obj
-def write(ctx: Ctx, key: str, value: str, acks: str) -> None:
+def write(ctx: Ctx, key: str, value: str, acks: Acks, timeout_ms: int | None) -> None:
     """Set KEY to VALUE (quote a VALUE with spaces: write greeting 'hello world')."""
-    echo_written(ctx, ctx.run(lambda c: c.set(key, value, Acks(acks))))
+    run_write(ctx, acks, lambda c: c.set(key, value, acks, timeout_ms=timeout_ms))
 
 
 @click.command()
@@ -69,12 +117,12 @@ def read(ctx: Ctx, key: str, min_index: Token | int, strong: bool) -> None:
 
 @click.command()
 @click.argument("key")
-@click.option("--acks", type=ACKS, default="async", show_default=True, help=ACKS_HELP)
+@write_options
 @output_options
 @click.pass_obj
-def delete(ctx: Ctx, key: str, acks: str) -> None:
+def delete(ctx: Ctx, key: str, acks: Acks, timeout_ms: int | None) -> None:
     """Delete KEY (a no-op entry when it does not exist)."""
-    echo_written(ctx, ctx.run(lambda c: c.delete(key, Acks(acks))))
+    run_write(ctx, acks, lambda c: c.delete(key, acks, timeout_ms=timeout_ms))
 
 
 @click.command()

@@ -41,20 +41,27 @@ from cluster.types import NodeId
               "not heard from the master within this many milliseconds, or that the master "
               "reports lagging by more, gets no default reads (they go to the master; with no "
               "master, they fail: unavailable). 0 turns the time bound off.")
+@click.option("--request-timeout", type=click.FloatRange(0.001), default=8.0,
+              envvar="REPL_REQUEST_TIMEOUT", show_default=True,
+              help="Seconds a forwarded request waits for its node; past it a write is "
+              "answered `timeout` with applied: unknown (a write with a longer --timeout-ms "
+              "gets that plus a second).")
 @limit_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
 def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: float,
-         node_timeout: float, max_lag: int, max_lag_ms: int, max_frame: int, max_key_size: int,
-         max_value_size: int, log_level: str, debug: bool) -> None:
+         node_timeout: float, max_lag: int, max_lag_ms: int, request_timeout: float,
+         max_frame: int, max_key_size: int, max_value_size: int, log_level: str,
+         debug: bool) -> None:
     """Run the replkv router: writes to the master, reads to a random live slave."""
     setup_logging(log_level)
     try:
         config = RouterConfig(listen=listen, cluster=cluster_map,
                               limits=limits_from(max_frame, max_key_size, max_value_size),
                               health_interval=health_interval, node_timeout=node_timeout,
-                              max_lag=max_lag, max_lag_ms=max_lag_ms)
+                              max_lag=max_lag, max_lag_ms=max_lag_ms,
+                              request_timeout=request_timeout)
         config.validate()
     except ReplError as exc:
         raise click.UsageError(str(exc)) from exc

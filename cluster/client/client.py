@@ -4,7 +4,11 @@
         token = await kv.set("k", "v")                # Token(epoch, index)
         result = await kv.get("k", min_index=token)   # read your own write
 
-Errors of the server are raised as the matching :mod:`cluster.errors` class.
+Errors of the server are raised as the matching :mod:`cluster.errors` class. An error of
+a write says what became of it: ``exc.applied`` is ``"no"`` (safe to retry), ``"yes"`` or
+``"unknown"`` (it may still take effect: read before retrying), and ``exc.index`` /
+``exc.epoch`` say where its entry is when it got one. A write the client gave up on (no
+reply in time, the connection lost after sending) is ``"unknown"`` too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from cluster.client.connection import Connection
 from cluster.config import Address, Limits
-from cluster.errors import error_for_code
+from cluster.errors import ForeignPeer, ProtocolError, ReplError, error_for_code, with_outcome
 from cluster.types import Acks, Consistency, Token, Value
 from cluster.wire.messages import (
     Delete,
@@ -64,18 +68,36 @@ class Client:
         return self._conn.next_id()
 
     async def _call(self, request: Request) -> dict[str, Any]:
-        reply = await self._conn.call(request, self.timeout)
-        if isinstance(reply, ErrorReply):
-            raise error_for_code(reply.code, reply.message)
-        assert isinstance(reply, Reply)
-        return reply.fields
+        return _fields(await self._conn.call(request, self.timeout))
 
-    async def set(self, key: str, value: Value, acks: Acks = Acks.ASYNC) -> Token:
-        """Store ``value``; returns where the write landed, the read token for it."""
-        return _token(await self._call(Set(self._id(), key, value, acks)))
+    async def _write(self, request: Set | Delete) -> Token:
+        # wait past the write's own timeout, so the server's answer (with the outcome and
+        # the index) arrives before the client gives up
+        timeout = self.timeout
+        if request.timeout_ms is not None:
+            timeout = max(timeout, request.timeout_ms / 1000 + WRITE_GRACE)
+        sent = not self._conn.closed  # a closed connection refuses before sending
+        try:
+            reply = await self._conn.call(request, timeout)
+        except ForeignPeer:
+            raise  # not a replkv node: no write to speak of
+        except ReplError as exc:  # no reply came: the client cannot know more
+            with_outcome(exc, "unknown" if sent else "no")
+            raise
+        return _token(_fields(reply, write=True))
 
-    async def delete(self, key: str, acks: Acks = Acks.ASYNC) -> Token:
-        return _token(await self._call(Delete(self._id(), key, acks)))
+    async def set(self, key: str, value: Value, acks: Acks = Acks.ASYNC, *,
+                  timeout_ms: int | None = None) -> Token:
+        """Store ``value``; returns where the write landed, the read token for it (its
+        ``copies`` says how many nodes held it when the master replied). The reply waits
+        for the copies ``acks`` asks for, at most ``timeout_ms`` (the master's default:
+        5000 when it needs slaves); past it the write fails with ``timeout`` and
+        ``applied == "unknown"``."""
+        return await self._write(Set(self._id(), key, value, acks, timeout_ms))
+
+    async def delete(self, key: str, acks: Acks = Acks.ASYNC, *,
+                     timeout_ms: int | None = None) -> Token:
+        return await self._write(Delete(self._id(), key, acks, timeout_ms))
 
     async def get(self, key: str, *, min_index: Token | int = 0, strong: bool = False
                   ) -> GetResult:
@@ -112,8 +134,24 @@ class Client:
         return await self._call(Ping(self._id()))
 
 
+WRITE_GRACE = 2.0  # seconds the client waits past a write's timeout_ms
+
+
+def _fields(reply: Reply | ErrorReply, write: bool = False) -> dict[str, Any]:
+    """A reply's fields, or its error raised. A write refused as malformed (a protocol
+    error) was not applied, though the reply does not say so."""
+    if isinstance(reply, Reply):
+        return reply.fields
+    err = error_for_code(reply.code, reply.message, master=reply.master,
+                         applied=reply.applied, index=reply.index, epoch=reply.epoch)
+    if write and err.applied is None and isinstance(err, ProtocolError):
+        with_outcome(err, "no")
+    raise err
+
+
 def _token(fields: dict[str, Any]) -> Token:
-    return Token(int(fields.get("epoch", 0)), int(fields["index"]))
+    return Token(int(fields.get("epoch", 0)), int(fields["index"]),
+                 int(fields.get("copies", 0)))
 
 
 def _split(token: Token | int) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from cluster.config import Address, Limits
 from cluster.errors import (
     BadFrame,
+    ForeignPeer,
     FrameTooLarge,
     NetworkError,
     ProtocolError,
@@ -73,6 +74,11 @@ class Connection:
         self._pending[request_id] = callback
         self._stream.send_raw(frame)
 
+    def forget(self, request_id: int) -> bool:
+        """Stop waiting for ``request_id``'s reply (its callback will not be called; a late
+        reply is dropped). False when it was no longer pending."""
+        return self._pending.pop(request_id, None) is not None
+
     def send(self, request: Request) -> asyncio.Future[Reply | ErrorReply]:
         """Send now (pipelined) and return a future for the reply."""
         fut: asyncio.Future[Reply | ErrorReply] = asyncio.get_running_loop().create_future()
@@ -95,7 +101,7 @@ class Connection:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(fut)
         except TimeoutError:
-            self._pending.pop(request.id, None)
+            self.forget(request.id)
             raise RequestTimeout(
                 f"no reply from {self.address} within {timeout:g}s") from None
 
@@ -140,8 +146,8 @@ class Connection:
             return None
         line = data[:PREVIEW + 1].split(b"\n", 1)[0].rstrip(b"\r")
         shown = repr(line[:PREVIEW])[1:] + ("..." if len(line) > PREVIEW else "")
-        return ProtocolError(f"{self.address} does not speak the replkv protocol "
-                             f"(it answered {shown})")
+        return ForeignPeer(f"{self.address} does not speak the replkv protocol "
+                           f"(it answered {shown})")
 
     def _fail_all(self, error: ReplError) -> None:
         self._closed = error

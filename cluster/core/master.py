@@ -1,5 +1,6 @@
 """The master's replication state: the log and the map, what each slave has, what to send it
-next, which writes a majority holds, and which client replies may go out.
+next, how many nodes hold each write, and which client replies may go out (a write waits
+for the copies its ``acks`` level needs, at most its timeout).
 
 Every input is a method call that returns a :class:`~cluster.core.state.Ready`; the shell
 persists, sends and replies what it says and calls :meth:`MasterCore.advance`. Time comes in
@@ -8,6 +9,8 @@ as milliseconds of a monotonic clock; nothing here blocks or does I/O.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +19,11 @@ from cluster.core.history import EpochHistory
 from cluster.core.kv import KV
 from cluster.core.log import Log
 from cluster.core.state import Ready, Replica, SnapshotMeta, snapshot_point
-from cluster.errors import NoQuorum, StaleEpoch, StorageFailure
+from cluster.errors import BadRequest, NoQuorum, RequestTimeout, StaleEpoch, StorageFailure
 from cluster.types import Acks, Entry, NodeId, Op, Value
 from cluster.wire.messages import Append, ErrorReply, Reply, Sync
+
+NOT_APPLIED, UNKNOWN = "no", "unknown"  # a write error's ``applied``
 
 
 @dataclass(slots=True)
@@ -40,14 +45,23 @@ class SyncPlan:
     snapshot: bool  # the entries after ``match`` were compacted: send the snapshot first
 
 
-@dataclass(frozen=True, slots=True)
+DEFAULT_WRITE_TIMEOUT_MS = 5000
+"""How long a write that needs slaves' copies waits for them when it names no
+``timeout_ms`` (an ``async`` write waits for the master's own disk only, with no timeout)."""
+
+
+@dataclass(slots=True, eq=False)
 class Waiter:
-    """A client write waiting for its acknowledgement level."""
+    """A client write waiting for ``need`` copies (nodes holding its entry, this one
+    included). A waiter answered early (timed out) stays in its queues marked ``done`` and
+    is skipped when it comes up: no queue is searched."""
 
     index: int
     client: Any  # the shell's handle for the connection; opaque here
     rid: int
-    acks: Acks
+    need: int
+    deadline: int | None  # ms of the monotonic clock; None: no timeout
+    done: bool = False
 
 
 class MasterCore:
@@ -69,10 +83,13 @@ class MasterCore:
         self.window_entries = window_entries
         self.batch_bytes = batch_bytes  # an append frame stays under this (one entry at least)
         self.followers = {n: Follower(n) for n in slaves}
-        # replies waiting, in index order: for the local fsync, then (acks=majority) for a
-        # majority of the cluster
+        self.size = 1 + len(slaves)  # nodes in the cluster
+        # replies waiting, each queue in index order: for the local fsync, then (when they
+        # need more copies than this node's) one queue per number of copies needed
         self._local: deque[Waiter] = deque()
-        self._majority: deque[Waiter] = deque()
+        self._copies: dict[int, deque[Waiter]] = {k: deque() for k in range(2, self.size + 1)}
+        self._deadlines: list[tuple[int, int, Waiter]] = []  # heap of (deadline, seq, waiter)
+        self._seq = itertools.count()
 
     @property
     def epoch(self) -> int:
@@ -85,16 +102,47 @@ class MasterCore:
     # --- writes ------------------------------------------------------------------------------
 
     def propose(self, client: Any, rid: int, op: Op, key: str, value: Value | None,
-                acks: Acks, now_ms: int, wall_ms: int) -> Ready:
+                acks: Acks, now_ms: int, wall_ms: int, timeout_ms: int | None = None) -> Ready:
         """A client write: the entry to persist, or the reply refusing it. The entry carries
-        the wall clock (``wall_ms``) for lag reports; timeouts use ``now_ms``."""
-        if acks is Acks.MAJORITY and not self.has_quorum(now_ms):
-            return Ready(replies=[(client, ErrorReply(
-                rid, NoQuorum.code,
-                "the master is not in contact with a majority of the cluster"))])
+        the wall clock (``wall_ms``) for lag reports; timeouts use ``now_ms``.
+
+        The reply waits for the copies ``acks`` needs, at most ``timeout_ms`` (by default
+        :data:`DEFAULT_WRITE_TIMEOUT_MS` when it needs slaves, none for ``async``). A level
+        the cluster cannot meet at all (more slaves than it has) is refused with
+        ``bad_request``, one it cannot meet now (too few nodes in contact) with
+        ``no_quorum``; neither is applied."""
+        need = acks.copies(self.size, self.majority)
+        if need > self.size:
+            return self._refuse(client, rid, BadRequest.code,
+                                f"acks={acks} needs {need - 1} slaves, but the cluster has "
+                                f"{self.size - 1}")
+        if need > 1 and self.live(now_ms) < need:
+            text = ("the master is not in contact with a majority of the cluster"
+                    if acks == Acks.MAJORITY else
+                    f"acks={acks} needs {need} nodes, but the master is in contact with "
+                    f"{self.live(now_ms)} (itself included)")
+            return self._refuse(client, rid, NoQuorum.code, text)
+        if timeout_ms is None and need > 1:
+            timeout_ms = DEFAULT_WRITE_TIMEOUT_MS
         entry = Entry(self.log.last_index + 1, self._epoch, wall_ms, op, key, value)
-        self._local.append(Waiter(entry.index, client, rid, acks))
+        w = Waiter(entry.index, client, rid, need,
+                   None if timeout_ms is None else now_ms + timeout_ms)
+        self._local.append(w)
+        if w.deadline is not None:
+            heap = self._deadlines
+            if len(heap) > 1024 and len(heap) > 2 * self._waiting():
+                # answered writes linger in the heap until their deadline: drop them
+                heap[:] = [item for item in heap if not item[2].done]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (w.deadline, next(self._seq), w))
         return Ready(entries=[entry])
+
+    def _waiting(self) -> int:
+        return len(self._local) + sum(len(q) for q in self._copies.values())
+
+    @staticmethod
+    def _refuse(client: Any, rid: int, code: str, text: str) -> Ready:
+        return Ready(replies=[(client, ErrorReply(rid, code, text, applied=NOT_APPLIED))])
 
     def advance(self, ready: Ready, snapshot_data: dict[str, Value] | None = None) -> Ready:
         """The shell wrote ``ready.entries`` to the log (not yet synced): apply them."""
@@ -110,7 +158,9 @@ class MasterCore:
         for e in reversed(ready.entries):
             w = self._local.pop()  # each proposal is carried out before the next is made
             assert w.index == e.index
-            out.replies.append((w.client, ErrorReply(w.rid, exc.code, str(exc))))
+            w.done = True  # its deadline, if any, is now moot
+            out.replies.append((w.client, ErrorReply(w.rid, exc.code, str(exc),
+                                                     applied=NOT_APPLIED)))
         return out
 
     def persisted(self, index: int) -> Ready:
@@ -120,41 +170,95 @@ class MasterCore:
             return out
         self._durable = index
         local = self._local
+        held: list[int] | None = None
         while local and local[0].index <= index:
             w = local.popleft()
-            if w.acks is Acks.ASYNC:
-                out.replies.append((w.client, self._ok(w)))
+            if w.done:
+                continue
+            if w.need == 1:
+                held = held or self._held()
+                out.replies.append((w.client, self._ok(w, held)))
             else:
-                self._majority.append(w)
-        self._release_majority(out)
+                self._copies[w.need].append(w)
+        self._release(out)
         return out
 
-    def _ok(self, w: Waiter) -> Reply:
-        return Reply(w.rid, {"index": w.index, "epoch": self.log.epoch_at(w.index)})
+    def _held(self) -> list[int]:
+        """The highest durable index of every node, highest first: entry ``i`` is on
+        ``k`` nodes when ``held[k - 1] >= i``."""
+        return sorted([self._durable, *(f.acked for f in self.followers.values())],
+                      reverse=True)
 
-    def _release_majority(self, out: Ready) -> None:
-        if not self._majority:
-            return
-        done = self.majority_index()
-        while self._majority and self._majority[0].index <= done:
-            w = self._majority.popleft()
-            out.replies.append((w.client, self._ok(w)))
+    def _ok(self, w: Waiter, held: list[int]) -> Reply:
+        w.done = True
+        return Reply(w.rid, {"index": w.index, "epoch": self._epoch,
+                             "copies": _copies(held, w.index)})
 
-    def _fail_majority(self, out: Ready) -> None:
-        while self._majority:
-            w = self._majority.popleft()
-            out.replies.append((w.client, ErrorReply(
-                w.rid, NoQuorum.code,
-                f"entry {w.index} is durable on the master but a majority could not be "
-                "confirmed; it may or may not survive a failover")))
+    def _release(self, out: Ready) -> None:
+        """Release, queue by queue and in index order, the writes with their copies."""
+        held: list[int] | None = None
+        for need, queue in self._copies.items():
+            if not queue:
+                continue
+            held = held or self._held()
+            done = held[need - 1]
+            while queue and (queue[0].done or queue[0].index <= done):
+                w = queue.popleft()
+                if not w.done:
+                    out.replies.append((w.client, self._ok(w, held)))
+
+    def _unknown(self, w: Waiter, code: str, text: str) -> ErrorReply:
+        """The error for a write whose entry exists here but whose level was not met."""
+        w.done = True
+        return ErrorReply(w.rid, code, text, applied=UNKNOWN, index=w.index, epoch=self._epoch)
+
+    def _expire(self, now_ms: int, out: Ready) -> None:
+        """Writes past their deadline get ``timeout``: they may still take effect."""
+        heap = self._deadlines
+        held: list[int] | None = None
+        while heap and heap[0][0] <= now_ms:
+            _, _, w = heapq.heappop(heap)
+            if w.done:
+                continue
+            held = held or self._held()
+            copies = _copies(held, w.index)
+            out.replies.append((w.client, self._unknown(
+                w, RequestTimeout.code,
+                f"entry {w.index} was on {copies} of the {w.need} nodes it waits for when its "
+                "time ran out; it may still be applied")))
+
+    def _fail_unmet(self, now_ms: int, out: Ready) -> None:
+        """Writes waiting for more nodes than are in contact fail at once (they may still
+        take effect, should the nodes come back)."""
+        live = self.live(now_ms)
+        unmet: list[Waiter] = []
+        for need, queue in self._copies.items():
+            if need > live:
+                unmet.extend(w for w in queue if not w.done)
+                queue.clear()
+        for w in sorted(unmet, key=lambda w: w.index):
+            text = (f"entry {w.index} is durable on the master but a majority could not be "
+                    "confirmed; it may or may not survive a failover"
+                    if w.need == self.majority else
+                    f"entry {w.index} is durable on the master but {w.need} nodes could not "
+                    f"be confirmed ({live} in contact); it may still be applied")
+            out.replies.append((w.client, self._unknown(w, NoQuorum.code, text)))
 
     def close(self, why: ErrorReply) -> Ready:
-        """The role ends: every waiting writer gets ``why`` (with its own request id)."""
+        """The role ends: every waiting writer gets ``why`` (with its own request id), in
+        index order."""
         out = Ready()
-        for w in [*self._majority, *self._local]:
-            out.replies.append((w.client, ErrorReply(w.rid, why.code, why.message, why.master)))
-        self._majority.clear()
+        waiting = sorted((w for q in (self._local, *self._copies.values()) for w in q
+                          if not w.done), key=lambda w: w.index)
+        for w in waiting:
+            w.done = True
+            out.replies.append((w.client, ErrorReply(
+                w.rid, why.code, why.message, why.master, applied=UNKNOWN, index=w.index,
+                epoch=self._epoch)))
         self._local.clear()
+        for q in self._copies.values():
+            q.clear()
+        self._deadlines.clear()
         return out
 
     # --- slaves ------------------------------------------------------------------------------
@@ -221,37 +325,38 @@ class MasterCore:
         if index > f.acked:
             f.acked = min(index, self.log.last_index)
         out = Ready()
-        self._release_majority(out)
+        self._release(out)
         return out
 
     def disconnected(self, node: NodeId) -> None:
         self.followers[node].up = False
 
     def tick(self, now_ms: int) -> Ready:
-        """Slaves silent past the timeout are marked down (their links closed); majority
-        writes fail while no majority is in contact."""
+        """Slaves silent past the timeout are marked down (their links closed); writes past
+        their deadline time out; writes waiting for more nodes than are in contact fail."""
         out = Ready()
         for f in self.followers.values():
             if f.up and now_ms - f.last_contact > self.peer_timeout_ms:
                 f.up = False
                 out.close.append(f.node)
-        if self._majority and not self.has_quorum(now_ms):
-            self._fail_majority(out)
+        self._expire(now_ms, out)
+        self._fail_unmet(now_ms, out)
         return out
 
     # --- majority ----------------------------------------------------------------------------
 
     def majority_index(self) -> int:
         """The highest index durably stored on a majority of the cluster, this node included."""
-        indexes = sorted([self._durable, *(f.acked for f in self.followers.values())],
-                         reverse=True)
-        return indexes[self.majority - 1]
+        return self._held()[self.majority - 1]
+
+    def live(self, now_ms: int) -> int:
+        """The nodes (this one included) in contact within the timeout."""
+        return 1 + sum(1 for f in self.followers.values()
+                       if f.up and now_ms - f.last_contact <= self.peer_timeout_ms)
 
     def has_quorum(self, now_ms: int) -> bool:
         """Whether a majority (this node included) has been in contact within the timeout."""
-        live = 1 + sum(1 for f in self.followers.values()
-                       if f.up and now_ms - f.last_contact <= self.peer_timeout_ms)
-        return live >= self.majority
+        return self.live(now_ms) >= self.majority
 
     def confirm_strong(self, now_ms: int) -> None:
         """A strong read is served only while a majority is in contact (a lease of one peer
@@ -301,3 +406,8 @@ class MasterCore:
                 for f in self.followers.values()
             ],
         }
+
+
+def _copies(held: list[int], index: int) -> int:
+    """How many nodes hold entry ``index`` (``held`` as :meth:`MasterCore._held` gives it)."""
+    return sum(1 for h in held if h >= index)

@@ -81,7 +81,7 @@ class MasterRole:
         value = msg.value if isinstance(msg, Set) else None
         op = Op.SET if isinstance(msg, Set) else Op.DELETE
         ready = self.core.propose(client, msg.id, op, msg.key, value, msg.acks,
-                                  self.node.now_ms(), self.node.wall_ms())
+                                  self.node.now_ms(), self.node.wall_ms(), msg.timeout_ms)
         try:
             ready = self.node.carry_out(self.core, ready)
         except StorageFailure as exc:
@@ -193,7 +193,8 @@ class MasterRole:
     # --- housekeeping ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Mark silent slaves down and fail majority writes when the quorum is gone."""
+        """Mark silent slaves down, time writes out, and fail the writes waiting for more
+        nodes than are in contact."""
         while True:
             await asyncio.sleep(self.node.config.heartbeat_interval)
             ready = self.core.tick(self.node.now_ms())

@@ -295,11 +295,13 @@ class Node:
                     return Reply(rid, {"node": self.config.node_id, "role": self.role.name})
             return ErrorReply(rid, BadRequest.code,
                               f"{type(msg).__name__} is not a request a node serves")
-        except RequestFailed as exc:
-            return ErrorReply(rid, exc.code, str(exc), getattr(exc, "master", None))
+        except RequestFailed as exc:  # a write refused before it was proposed: not applied
+            return ErrorReply(rid, exc.code, str(exc), getattr(exc, "master", None),
+                              applied="no" if isinstance(msg, Set | Delete) else None)
         except Exception as exc:  # a bug must not take the node down for everyone
             log.exception("internal error serving %r", msg)
-            return ErrorReply(rid, InternalError.code, reason(exc))
+            return ErrorReply(rid, InternalError.code, reason(exc),
+                              applied="unknown" if isinstance(msg, Set | Delete) else None)
 
     def _get(self, msg: Get) -> Reply:
         self.role.check_read(msg.consistency, msg.min_epoch, msg.min_index)

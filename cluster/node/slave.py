@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -63,7 +64,7 @@ class SlaveRole:
     # --- what a slave refuses ----------------------------------------------------------------
 
     def write(self, msg: Set | Delete, client: FramedStream) -> ErrorReply:
-        return not_master(msg.id, self.master)
+        return dataclasses.replace(not_master(msg.id, self.master), applied="no")
 
     async def replicate(self, stream: FramedStream, msg: Sync) -> None:
         stream.send(not_master(msg.id, self.master))

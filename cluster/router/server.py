@@ -21,6 +21,7 @@ from cluster.errors import (
     NetworkError,
     NotMaster,
     ReplError,
+    RequestTimeout,
     Unavailable,
     reason,
 )
@@ -164,7 +165,7 @@ class Router:
                 if master is None:
                     client.finished(ErrorReply(
                         msg.id, Unavailable.code,
-                        "no master is reachable; the write was not applied"))
+                        "no master is reachable; the write was not applied", applied="no"))
                 else:
                     self._forward(msg, master, client, frozenset())
             case Get() | Scan():
@@ -205,8 +206,10 @@ class Router:
             self._node_failed(node, conn, "no open connection to it")
             self._retry_or_fail(msg, node, client, tried, "no connection to it", sent=False)
             return
+        rid = conn.next_id()
 
         def done(reply: Reply | ErrorReply | ReplError) -> None:
+            deadline.cancel()
             if isinstance(reply, ReplError):
                 self._node_failed(node, conn, reason(reply))
                 self._retry_or_fail(msg, node, client, tried, str(reply), sent=True)
@@ -222,8 +225,24 @@ class Router:
                 self.table.applied(node, int(reply.fields["index"]))
             client.finished(Reply(msg.id, reply.fields))
 
-        rid = conn.next_id()
+        def expired() -> None:
+            """The node did not answer in time: the client hears so now, and the node's
+            reply, should it come, is dropped."""
+            if not conn.forget(rid):
+                return  # answered meanwhile
+            client.finished(_timed_out(msg, node, seconds))
+
+        seconds = self._deadline(msg)
+        deadline = asyncio.get_running_loop().call_later(seconds, expired)
         conn.send_frame(rid, codec.frame_with_id(msg, rid), done)
+
+    def _deadline(self, msg: Request) -> float:
+        """Seconds ``msg`` may wait for its node: the request timeout, or for a write that
+        names a longer ``timeout_ms``, that and a second (the master answers it itself)."""
+        seconds = self.config.request_timeout
+        if isinstance(msg, Set | Delete) and msg.timeout_ms is not None:
+            seconds = max(seconds, msg.timeout_ms / 1000 + 1.0)
+        return seconds
 
     def _retry_or_fail(self, msg: Request, node: NodeId, client: _Client,
                        tried: frozenset[NodeId], why: str, *, sent: bool,
@@ -239,13 +258,26 @@ class Router:
                                        f"no node has applied index {msg.min_index} yet "
                                        f"(last asked: {why}); retry once it is replicated"))
             return
+        outcome: str | None = None
         if isinstance(msg, Set | Delete):
+            outcome = "unknown" if sent else "no"
             what = ("the write may or may not have been applied" if sent
                     else "the write was not applied")
         else:
             what = "the read failed"
         client.finished(ErrorReply(msg.id, Unavailable.code,
-                                   f"node {node} failed ({why}); {what}"))
+                                   f"node {node} failed ({why}); {what}",
+                                   applied=outcome))
+
+
+def _timed_out(msg: Request, node: NodeId, seconds: float) -> ErrorReply:
+    """The answer to a request whose node did not reply within ``seconds``."""
+    if isinstance(msg, Set | Delete):
+        return ErrorReply(msg.id, RequestTimeout.code,
+                          f"master {node} did not answer within {seconds:g}s; the write may "
+                          "or may not have been applied", applied="unknown")
+    return ErrorReply(msg.id, RequestTimeout.code,
+                      f"node {node} did not answer within {seconds:g}s; the read failed")
 
 
 MAX_IN_FLIGHT = 64  # requests of one client connection the router holds at once: with the

@@ -19,6 +19,7 @@ from cluster.errors import BadFrame, BadRequest, ProtocolError, TooLarge, Unknow
 from cluster.types import Acks, Consistency, Entry, Op
 from cluster.wire.framing import encode_frame
 from cluster.wire.messages import (
+    APPLIED,
     Ack,
     Append,
     Delete,
@@ -36,6 +37,7 @@ from cluster.wire.messages import (
 )
 
 MAX_ID = 2**63 - 1
+MAX_TIMEOUT_MS = 86_400_000  # a write's timeout_ms: at most a day
 MAX_DEPTH = 1024  # arrays and maps nested in one payload, its own map included (msgpack's)
 CLIENT_REQUESTS = frozenset({"set", "delete", "get", "scan", "status", "ping"})
 NODE_REQUESTS = CLIENT_REQUESTS | {"sync"}  # what a node's request loop serves
@@ -82,16 +84,10 @@ def entry_to_wire(e: Entry) -> list[Any]:
 def to_wire(msg: Message) -> dict[str, Any]:
     """The msgpack map for a message, before packing."""
     match msg:
-        case Set(id=i, key=k, value=v, acks=a):
-            out: dict[str, Any] = {"op": "set", "id": i, "key": k, "value": v}
-            if a is not Acks.ASYNC:
-                out["acks"] = a.value
-            return out
-        case Delete(id=i, key=k, acks=a):
-            out = {"op": "delete", "id": i, "key": k}
-            if a is not Acks.ASYNC:
-                out["acks"] = a.value
-            return out
+        case Set(id=i, key=k, value=v, acks=a, timeout_ms=t):
+            return _write_fields({"op": "set", "id": i, "key": k, "value": v}, a, t)
+        case Delete(id=i, key=k, acks=a, timeout_ms=t):
+            return _write_fields({"op": "delete", "id": i, "key": k}, a, t)
         case Get(id=i, key=k, min_index=m, consistency=c, min_epoch=me):
             out = {"op": "get", "id": i, "key": k}
             if m:
@@ -137,12 +133,24 @@ def to_wire(msg: Message) -> dict[str, Any]:
             return {"op": "ack", "epoch": ep, "index": ix}
         case Reply(id=i, fields=f):
             return {**f, "id": i, "ok": True}
-        case ErrorReply(id=i, code=code, message=text, master=master):
+        case ErrorReply(id=i, code=code, message=text, master=master, applied=applied,
+                        index=index, epoch=epoch):
             out = {"id": i, "ok": False, "code": code, "message": text}
-            if master is not None:
-                out["master"] = master
+            for name, value in (("master", master), ("applied", applied), ("index", index),
+                                ("epoch", epoch)):
+                if value is not None:
+                    out[name] = value
             return out
     raise TypeError(f"not a message: {msg!r}")  # pragma: no cover
+
+
+def _write_fields(out: dict[str, Any], acks: Acks, timeout_ms: int | None) -> dict[str, Any]:
+    """A write's optional fields, left out at their defaults."""
+    if acks != Acks.ASYNC:
+        out["acks"] = acks.value
+    if timeout_ms is not None:
+        out["timeout_ms"] = timeout_ms
+    return out
 
 
 def encode(msg: Message) -> bytes:
@@ -231,7 +239,21 @@ class _Fields:
             self.bad(f"value is longer than the limit of {limits.max_value} bytes", TooLarge)
         return v
 
-    def enum(self, name: str, cls: type[Acks] | type[Consistency], default: Any) -> Any:
+    def acks(self) -> Acks:
+        v = self._m.get("acks")
+        if v is None:
+            return Acks.ASYNC
+        if not isinstance(v, str) and type(v) is not int:
+            self.bad("field 'acks' must be 'async', 'majority', 'all' or a number of slaves")
+        try:
+            return Acks.parse(v) if type(v) is int else Acks(v)
+        except ValueError as exc:
+            self.bad(str(exc))
+
+    def optional_int(self, name: str, lo: int, hi: int) -> int | None:
+        return None if self._m.get(name) is None else self.integer(name, lo=lo, hi=hi)
+
+    def enum(self, name: str, cls: type[Consistency], default: Any) -> Any:
         v = self._m.get(name)
         if v is None:
             return default
@@ -330,10 +352,11 @@ def _message(m: dict[Any, Any], rid: int | None, op: Any, limits: Limits) -> Mes
         _fail(BadRequest, "field 'op' must be a string", rid)
     match op:
         case "set":
-            return Set(f.integer("id"), f.key(limits), f.value(limits),
-                       f.enum("acks", Acks, Acks.ASYNC))
+            return Set(f.integer("id"), f.key(limits), f.value(limits), f.acks(),
+                       f.optional_int("timeout_ms", 1, MAX_TIMEOUT_MS))
         case "delete":
-            return Delete(f.integer("id"), f.key(limits), f.enum("acks", Acks, Acks.ASYNC))
+            return Delete(f.integer("id"), f.key(limits), f.acks(),
+                          f.optional_int("timeout_ms", 1, MAX_TIMEOUT_MS))
         case "get":
             return Get(f.integer("id"), f.key(limits), f.integer("min_index", 0),
                        f.enum("consistency", Consistency, Consistency.ANY),
@@ -378,7 +401,14 @@ def _decode_reply(m: dict[Any, Any], rid: int | None) -> Reply | ErrorReply:
     code, text, master = m.get("code"), m.get("message"), m.get("master")
     if not isinstance(code, str) or not isinstance(text, str):
         _fail(BadFrame, "an error reply must carry string 'code' and 'message'", rid)
-    return ErrorReply(rid, code, text, master if isinstance(master, str) else None)
+    applied, index, epoch = m.get("applied"), m.get("index"), m.get("epoch")
+    if applied is not None and applied not in APPLIED:
+        _fail(BadFrame, f"an error reply's 'applied' must be one of {', '.join(APPLIED)}", rid)
+    for name, value in (("index", index), ("epoch", epoch)):
+        if value is not None and (type(value) is not int or value < 0):
+            _fail(BadFrame, f"an error reply's {name!r} must be an integer >= 0", rid)
+    return ErrorReply(rid, code, text, master if isinstance(master, str) else None,
+                      applied, index, epoch)
 
 
 # --- storage records -----------------------------------------------------------------------------

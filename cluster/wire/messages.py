@@ -16,6 +16,7 @@ class Set:
     key: str
     value: bytes | str
     acks: Acks = Acks.ASYNC
+    timeout_ms: int | None = None  # how long the master waits for ``acks`` (None: default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Delete:
     id: int
     key: str
     acks: Acks = Acks.ASYNC
+    timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,14 @@ class ErrorReply:
     code: str
     message: str
     master: str | None = None  # for not_master: the node this one believes is master
+    # for set/delete: whether the write took effect ("no", "yes" or "unknown") and, when it
+    # got one, where its entry is in the log
+    applied: str | None = None
+    index: int | None = None
+    epoch: int | None = None
+
+
+APPLIED = ("no", "yes", "unknown")
 
 
 Request = Set | Delete | Get | Scan | Status | Ping | Sync

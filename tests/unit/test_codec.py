@@ -89,9 +89,14 @@ def epoch_histories() -> st.SearchStrategy[tuple[tuple[int, int], ...]]:
     return steps.map(build)
 
 
+acks_levels = st.sampled_from([Acks.ASYNC, Acks.MAJORITY, Acks.ALL]) | st.builds(
+    Acks, st.integers(1, 1000))
+write_timeouts = st.none() | st.integers(1, codec.MAX_TIMEOUT_MS)
+outcomes = st.none() | st.sampled_from(["no", "yes", "unknown"])
+
 messages: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Set, ids, keys, values, st.sampled_from(Acks)),
-    st.builds(Delete, ids, keys, st.sampled_from(Acks)),
+    st.builds(Set, ids, keys, values, acks_levels, write_timeouts),
+    st.builds(Delete, ids, keys, acks_levels, write_timeouts),
     st.builds(Get, ids, keys, st.integers(0, MAX_ID), st.sampled_from(Consistency)),
     st.builds(Scan, ids, st.none() | keys, st.integers(1, 100_000)),
     st.builds(Status, ids),
@@ -103,7 +108,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ack, small_ints, small_ints),
     st.builds(Reply, ids, reply_fields),
     st.builds(ErrorReply, ids, st.text(max_size=20), st.text(max_size=50),
-              st.none() | st.text(max_size=10)),
+              st.none() | st.text(max_size=10), outcomes, st.none() | small_ints,
+              st.none() | small_ints),
 )
 
 
@@ -144,6 +150,9 @@ def test_frames_round_trip_through_the_decoder_split_anywhere(
         Set(2, "k", "text"),
         Set(3, "ключ", "значение", Acks.MAJORITY),
         Delete(4, "k", Acks.MAJORITY),
+        Set(3, "k", "v", Acks.ALL, 250),
+        Set(3, "k", "v", Acks(2)),
+        Delete(4, "k", Acks(1), 86_400_000),
         Get(5, "k"),
         Get(6, "k", 17, Consistency.STRONG),
         Scan(7),
@@ -160,6 +169,9 @@ def test_frames_round_trip_through_the_decoder_split_anywhere(
         Reply(12, {}),
         ErrorReply(13, "not_master", "go away", "n1"),
         ErrorReply(14, "bad_request", "nope"),
+        ErrorReply(15, "timeout", "slow", applied="unknown", index=12, epoch=3),
+        ErrorReply(16, "storage", "disk full", applied="no"),
+        ErrorReply(17, "not_master", "go away", "n1", applied="no"),
     ],
 )
 def test_examples_round_trip(msg: Message) -> None:
@@ -339,6 +351,13 @@ WRONG: list[tuple[dict[str, Any], type[ProtocolError], int | None]] = [
     ({"op": "set", "id": 7, "value": "v"}, BadRequest, 7),
     ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": "bogus"}, BadRequest, 7),
     ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": ["majority"]}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": -1}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": "2"}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": True}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "acks": 1.5}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "timeout_ms": 0}, BadRequest, 7),
+    ({"op": "set", "id": 7, "key": "k", "value": "v", "timeout_ms": "5"}, BadRequest, 7),
+    ({"op": "delete", "id": 7, "key": "k", "timeout_ms": 86_400_001}, BadRequest, 7),
     ({"op": "set", "id": -1, "key": "k", "value": "v"}, BadRequest, None),
     ({"op": "set", "id": 1.0, "key": "k", "value": "v"}, BadRequest, None),
     ({"op": "set", "id": 2**63, "key": "k", "value": "v"}, BadRequest, None),
@@ -389,6 +408,10 @@ WRONG: list[tuple[dict[str, Any], type[ProtocolError], int | None]] = [
     ({"op": "frobnicate"}, UnknownOp, None),
     ({"id": 14}, BadRequest, 14),
     ({"id": 15, "ok": False, "code": 1, "message": "m"}, BadFrame, 15),
+    ({"id": 15, "ok": False, "code": "c", "message": "m", "applied": "maybe"}, BadFrame, 15),
+    ({"id": 15, "ok": False, "code": "c", "message": "m", "applied": True}, BadFrame, 15),
+    ({"id": 15, "ok": False, "code": "c", "message": "m", "index": -1}, BadFrame, 15),
+    ({"id": 15, "ok": False, "code": "c", "message": "m", "epoch": "1"}, BadFrame, 15),
     ({"id": "x", "ok": True}, BadFrame, None),
 ]
 
@@ -406,6 +429,11 @@ def test_wrong_field_types(m: dict[str, Any], cls: type[ProtocolError], rid: int
     ("m", "expected"),
     [
         ({"op": "set", "id": 1, "key": "k", "value": "v", "acks": None}, Set(1, "k", "v")),
+        ({"op": "set", "id": 1, "key": "k", "value": "v", "acks": 0, "timeout_ms": None},
+         Set(1, "k", "v")),
+        ({"op": "delete", "id": 1, "key": "k", "acks": 3}, Delete(1, "k", Acks(3))),
+        ({"id": 1, "ok": False, "code": "c", "message": "m", "applied": None, "index": None},
+         ErrorReply(1, "c", "m")),
         ({"op": "get", "id": 1, "key": "k", "min_index": None, "consistency": None},
          Get(1, "k")),
         ({"op": "scan", "id": 1, "after": None, "limit": None}, Scan(1)),
@@ -413,6 +441,27 @@ def test_wrong_field_types(m: dict[str, Any], cls: type[ProtocolError], rid: int
 )
 def test_nil_means_the_default(m: dict[str, Any], expected: Message) -> None:
     assert codec.decode(raw(m), LIMITS) == expected
+
+
+def test_write_fields_are_left_out_at_their_defaults() -> None:
+    assert codec.to_wire(Set(1, "k", "v")) == {"op": "set", "id": 1, "key": "k", "value": "v"}
+    assert codec.to_wire(Delete(1, "k", Acks(2), 300)) == {
+        "op": "delete", "id": 1, "key": "k", "acks": 2, "timeout_ms": 300}
+    assert codec.to_wire(ErrorReply(1, "c", "m", applied="unknown", index=4, epoch=2)) == {
+        "id": 1, "ok": False, "code": "c", "message": "m", "applied": "unknown", "index": 4,
+        "epoch": 2}
+    assert codec.to_wire(ErrorReply(1, "c", "m")) == {
+        "id": 1, "ok": False, "code": "c", "message": "m"}
+
+
+def test_acks_levels_are_parsed_and_refused_clearly() -> None:
+    assert Acks.parse("async") == Acks.ASYNC and Acks.parse("0") is Acks.ASYNC
+    assert Acks.parse(" 2 ") == Acks(2) and Acks.parse("all") == Acks.ALL
+    assert [Acks.parse(a).copies(5, 3) for a in ("async", "1", "3", "majority", "all")] == [
+        1, 2, 4, 3, 5]
+    for bad in ("some", "-1", "", True, 2.0):
+        with pytest.raises(ValueError, match="acks must be one of"):
+            Acks.parse(bad)  # type: ignore[arg-type]
 
 
 def test_bad_request_names_the_field() -> None:

@@ -59,6 +59,7 @@ SLAVES = [NodeId("s1"), NodeId("s2"), NodeId("s3")]
 MAJORITY = 3  # of four nodes
 LIMITS = Limits()
 KEYS = ["a", "b", "c", "d", "e", "f"]
+LEVELS = [Acks.MAJORITY, Acks.ALL, Acks(1), Acks(2), Acks(3)]  # besides async
 HEARTBEAT_MS = 50
 PEER_TIMEOUT_MS = 300
 
@@ -125,8 +126,10 @@ class Sim:
         # every entry ever created, by (index, epoch): one master writes each epoch
         self.created: dict[tuple[int, int], Entry] = {}
         self.proposed: dict[int, tuple[int, Acks]] = {}  # request id -> (index, acks)
-        self.acked: dict[int, Entry] = {}  # writes replied to (acks=async)
-        self.majority_acked: dict[int, Entry] = {}  # writes replied to (acks=majority)
+        self.answered: set[int] = set()  # request ids replied to (once each)
+        self.acked: dict[int, Entry] = {}  # writes replied to that need fewer than a majority
+        # writes replied to that need a majority of copies or more (acks=majority, all, N)
+        self.majority_acked: dict[int, Entry] = {}
 
     def _start_master(self) -> MasterCore:
         """What Node does for the bootstrap master: recover, then a new epoch, persisted."""
@@ -155,12 +158,26 @@ class Sim:
     def _deliver_replies(self, ready: Ready) -> None:
         for client, reply in ready.replies:
             client.send(reply)
-            if isinstance(reply, Reply):
-                index, acks = self.proposed[reply.id]
-                assert reply.fields["index"] == index
-                assert self.master.log.epoch_at(index) == reply.fields["epoch"]
-                entry = self.created[(index, reply.fields["epoch"])]
-                (self.majority_acked if acks is Acks.MAJORITY else self.acked)[index] = entry
+            assert reply.id not in self.answered, f"request {reply.id} answered twice"
+            self.answered.add(reply.id)
+            if reply.id not in self.proposed:  # refused up front: it made no entry
+                assert isinstance(reply, ErrorReply) and reply.applied == "no", reply
+                continue
+            index, acks = self.proposed[reply.id]
+            if isinstance(reply, ErrorReply):  # timed out, or lost its nodes, or storage
+                assert reply.applied in ("no", "unknown"), reply
+                if reply.applied == "unknown":
+                    assert (reply.index, reply.epoch) == (index, self.master.epoch), reply
+                continue
+            assert reply.fields["index"] == index
+            assert self.master.log.epoch_at(index) == reply.fields["epoch"]
+            entry = self.created[(index, reply.fields["epoch"])]
+            # copies is truthful: at least what the level needs, at most the disks holding it
+            need = acks.copies(1 + len(SLAVES), MAJORITY)
+            holders = sum(1 for n in SLAVES if self._on_disk(n, entry))
+            holders += 1 if (not self.fsync_always or self._on_disk(MASTER, entry)) else 0
+            assert need <= reply.fields["copies"] <= holders, (reply, need, holders)
+            (self.majority_acked if need >= MAJORITY else self.acked)[index] = entry
 
     def _send_to_master(self, node: NodeId, ready: Ready) -> None:
         link = self.links[node]
@@ -175,15 +192,17 @@ class Sim:
         self.writes += 1
         self.rid += 1
         key = self.rng.choice(KEYS)
-        acks = Acks.MAJORITY if self.rng.random() < 0.3 else Acks.ASYNC
+        acks = self.rng.choice(LEVELS) if self.rng.random() < 0.4 else Acks.ASYNC
+        timeout_ms = self.rng.choice([None, None, 20, 100, 400])
         if self.rng.random() < 0.2:
             op, value = Op.DELETE, None
         else:
             op = Op.SET
             value = f"v{self.writes}" if self.rng.random() < 0.5 else f"v{self.writes}".encode()
-        ready = m.propose(self.client, self.rid, op, key, value, acks, self.now, self.now)
+        ready = m.propose(self.client, self.rid, op, key, value, acks, self.now, self.now,
+                          timeout_ms)
         if not ready.entries:
-            self._deliver_replies(ready)  # refused: no quorum for a majority write
+            self._deliver_replies(ready)  # refused: too few slaves in contact for the level
             self.note(f"propose refused ({acks.value})")
             return
         e = ready.entries[0]
@@ -681,12 +700,12 @@ def test_replies_wait_for_their_acknowledgement_level() -> None:
     sync(m, fresh_slave(SLAVES[1]))
     assert write(m, 1, durable=False, client=c).replies == []  # not yet fsynced
     out = m.persisted(1)
-    assert [r for _, r in out.replies] == [Reply(1, {"index": 1, "epoch": 1})]
+    assert [r for _, r in out.replies] == [Reply(1, {"index": 1, "epoch": 1, "copies": 1})]
     assert write(m, 1, acks=Acks.MAJORITY, client=c).replies == []  # durable here only
     m.on_ack(SLAVES[0], 1, 2, 0)
     assert m.on_ack(SLAVES[0], 1, 2, 0).replies == []  # 2 of 4
     (released,) = m.on_ack(SLAVES[1], 1, 2, 0).replies
-    assert released == (c, Reply(1, {"index": 2, "epoch": 1}))
+    assert released == (c, Reply(1, {"index": 2, "epoch": 1, "copies": 3}))
 
 
 def test_majority_writes_fail_when_the_quorum_is_lost_and_when_the_role_ends() -> None:
@@ -701,7 +720,8 @@ def test_majority_writes_fail_when_the_quorum_is_lost_and_when_the_role_ends() -
     assert isinstance(failed[1], ErrorReply) and failed[1].code == "no_quorum"
     write(m, 1, durable=False, client=c)
     (closed,) = m.close(ErrorReply(0, "shutting_down", "bye")).replies
-    assert closed[1] == ErrorReply(1, "shutting_down", "bye")
+    assert closed[1] == ErrorReply(1, "shutting_down", "bye", applied="unknown", index=2,
+                                   epoch=1)
 
 
 def test_a_failed_write_releases_its_waiter_with_the_error() -> None:
@@ -709,7 +729,7 @@ def test_a_failed_write_releases_its_waiter_with_the_error() -> None:
     c = Client()
     ready = m.propose(c, 7, Op.SET, "k", "v", Acks.ASYNC, 0, 0)
     out = m.failed(ready, StorageFailure("disk full"))
-    assert [r for _, r in out.replies] == [ErrorReply(7, "storage", "disk full")]
+    assert [r for _, r in out.replies] == [ErrorReply(7, "storage", "disk full", applied="no")]
     assert m.log.last_index == 0 and m.persisted(1).replies == []
 
 
