@@ -314,7 +314,7 @@ async def bench_replkv(args: argparse.Namespace, target: Target) -> dict[str, An
     cpu = CpuMeter(target.pids)
     try:
         async def do_set(c: Client, i: int) -> int:
-            return await c.set(f"key:{i:010d}", value)
+            return (await c.set(f"key:{i:010d}", value)).index
 
         async def do_get(c: Client, i: int) -> Any:
             r = await c.get(f"key:{i:010d}")
