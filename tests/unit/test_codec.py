@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -532,6 +534,16 @@ def test_nodes_do_not_serve_election_messages_yet(op: str) -> None:
     with pytest.raises(BadRequest, match="not a request this server serves") as info:
         codec.decode_request(raw({"op": op, "id": 9}), LIMITS, codec.NODE_REQUESTS)
     assert codec.request_id_of(info.value) == 9
+
+
+def test_protocol_doc_lists_the_election_fields() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = doc.split("### Elections (not yet used by nodes in 0.2)")[1].split("\n## ")[0]
+    for msg in (Vote(1, "n1", 0, 0, True), VoteReply(1, "n2", True, True)):
+        wire = codec.to_wire(msg)
+        table = section.split(f"#### `{wire['op']}` (")[1].split("\n\n")[1]
+        names = re.findall(r"^\| `(\w+)` +\|", table, re.MULTILINE)
+        assert names == list(wire), wire["op"]
 
 
 def test_noop_entries_round_trip_and_are_strict() -> None:
