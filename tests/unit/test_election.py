@@ -366,9 +366,9 @@ def test_the_leader_s_first_entry_is_its_own_noop() -> None:
     [won] = [r for n, r in net.readies if n == N1 and r.become is Become.LEADER]
     assert won.entries == [Entry(42, 4, 1_000, Op.NOOP, "", None)]
     # it is applied as nothing, and stored like any entry
-    kv = KV({"k": "v"}, 41)
+    kv = KV({"": "the empty key is a key", "k": "v"}, 41)
     kv.apply(won.entries[0])
-    assert kv.data == {"k": "v"} and kv.applied == 42
+    assert kv.data == {"": "the empty key is a key", "k": "v"} and kv.applied == 42
 
 
 def test_a_noop_entry_survives_the_wal(tmp_path: Path) -> None:
