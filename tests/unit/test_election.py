@@ -228,7 +228,6 @@ def test_a_partitioned_node_that_returns_does_not_disrupt_a_healthy_leader() -> 
     net.elect(N1)
     net.cut = {N4}
     net.run(10 * BASE)  # N4 pre-votes, alone, many times
-    assert net.cores[N4].role is Role.PRE_CANDIDATE or net.cores[N4].epoch == 1
     assert [c.epoch for c in net.cores.values()] == [1, 1, 1, 1]
     net.cut = set()
     net.tick(N4, net.cores[N4].timeout)  # it returns in the middle of a round
