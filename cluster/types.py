@@ -15,6 +15,7 @@ Value = bytes | str
 class Op(enum.Enum):
     SET = "set"
     DELETE = "del"
+    NOOP = "noop"  # a new master's first entry in its epoch (key "", no value); changes nothing
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ class KV:
         if entry.op is Op.SET:
             assert entry.value is not None
             self.data[entry.key] = entry.value
-        else:
+        elif entry.op is Op.DELETE:
             self.data.pop(entry.key, None)
         self.applied = entry.index
 

@@ -10,6 +10,7 @@ turns into the core's log and map; the cores are the only owners of both.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,13 @@ class Truncate:
     removed: tuple[Entry, ...]
 
 
+class Become(enum.Enum):
+    """A role change the election core asks of the shell (:meth:`Node.become`)."""
+
+    LEADER = "leader"  # this node won its epoch: become master
+    FOLLOWER = "follower"  # this node was master and is no longer: become a slave
+
+
 @dataclass(slots=True)
 class Ready:
     """One batch of work for the shell, carried out in field order.
@@ -131,6 +139,17 @@ class Ready:
     6. ``replies``: send each reply to the client connection it belongs to;
     7. ``close``: close these replication links (slaves silent past the timeout);
     8. ``resync``: a slave starts a new handshake at once.
+
+    From the election core (:mod:`cluster.core.election`) come three more fields:
+
+    - ``vote`` goes with ``epoch`` in step 1: whenever ``epoch`` is set, ``vote`` is this
+      node's vote in that epoch (None: none cast) and both are written together, atomically
+      and fsynced, before anything else, so a restarted node never votes twice in an epoch
+      (the replication cores set ``epoch`` without a vote only for an epoch newer than any
+      the node has recorded, where it cannot have voted yet);
+    - ``become``, right after step 1: swap the node's role; with ``LEADER`` the ``entries``
+      are the new master's first entry, persisted by the new role's core;
+    - ``to_peers``, with step 5: election messages, each to the node it names.
     """
 
     epoch: int | None = None
@@ -141,6 +160,9 @@ class Ready:
     replies: list[tuple[Any, Reply | ErrorReply]] = field(default_factory=list)
     close: list[str] = field(default_factory=list)
     resync: bool = False
+    vote: str | None = None
+    become: Become | None = None
+    to_peers: list[tuple[str, Message]] = field(default_factory=list)
 
     @property
     def must_persist(self) -> bool:
@@ -153,4 +175,5 @@ class Ready:
         self.replies.extend(other.replies)
         self.close.extend(other.close)
         self.resync = self.resync or other.resync
+        self.to_peers.extend(other.to_peers)
         return self

@@ -10,7 +10,7 @@ request the server serves (a reply, or a replication message).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, assert_never
 
 import msgpack
 
@@ -34,6 +34,8 @@ from cluster.wire.messages import (
     SnapshotChunk,
     Status,
     Sync,
+    Vote,
+    VoteReply,
 )
 
 MAX_ID = 2**63 - 1
@@ -41,8 +43,9 @@ MAX_TIMEOUT_MS = 86_400_000  # a write's timeout_ms: at most a day
 MAX_DEPTH = 1024  # arrays and maps nested in one payload, its own map included (msgpack's)
 CLIENT_REQUESTS = frozenset({"set", "delete", "get", "scan", "status", "ping"})
 NODE_REQUESTS = CLIENT_REQUESTS | {"sync"}  # what a node's request loop serves
-_KNOWN_OPS = NODE_REQUESTS | {"append", "snapshot", "ack"}
-_OPS = {Op.SET.value: Op.SET, Op.DELETE.value: Op.DELETE}
+ELECTION_OPS = frozenset({"vote", "vote_reply"})  # between nodes; not yet served in 0.2
+_KNOWN_OPS = NODE_REQUESTS | {"append", "snapshot", "ack"} | ELECTION_OPS
+_OPS = {op.value: op for op in Op}
 
 
 def _packer() -> msgpack.Packer:
@@ -83,6 +86,8 @@ def entry_to_wire(e: Entry) -> list[Any]:
 
 def to_wire(msg: Message) -> dict[str, Any]:
     """The msgpack map for a message, before packing."""
+    if isinstance(msg, Vote | VoteReply):
+        return _election_to_wire(msg)
     match msg:
         case Set(id=i, key=k, value=v, acks=a, timeout_ms=t):
             return _write_fields({"op": "set", "id": i, "key": k, "value": v}, a, t)
@@ -294,6 +299,8 @@ def entry_from_wire(raw: Any) -> Entry:
         raise BadRequest("a set entry's value must be a string or binary")
     if kind is Op.DELETE and value is not None:
         raise BadRequest("a delete entry's value must be nil")
+    if kind is Op.NOOP and (key or value is not None):
+        raise BadRequest("a noop entry's key must be empty and its value nil")
     return Entry(index, epoch, ts, kind, key, value)
 
 
@@ -350,6 +357,8 @@ def _message(m: dict[Any, Any], rid: int | None, op: Any, limits: Limits) -> Mes
     f = _Fields(m, rid, str(op))
     if not isinstance(op, str):
         _fail(BadRequest, "field 'op' must be a string", rid)
+    if op in ELECTION_OPS:
+        return _election_from_wire(f, op)
     match op:
         case "set":
             return Set(f.integer("id"), f.key(limits), f.value(limits), f.acks(),
@@ -409,6 +418,30 @@ def _decode_reply(m: dict[Any, Any], rid: int | None) -> Reply | ErrorReply:
             _fail(BadFrame, f"an error reply's {name!r} must be an integer >= 0", rid)
     return ErrorReply(rid, code, text, master if isinstance(master, str) else None,
                       applied, index, epoch)
+
+
+# --- elections -----------------------------------------------------------------------------------
+
+
+def _election_to_wire(msg: Vote | VoteReply) -> dict[str, Any]:
+    match msg:
+        case Vote(epoch=ep, candidate=c, last_epoch=le, last_index=li, pre_vote=pv):
+            return {"op": "vote", "epoch": ep, "candidate": c, "last_epoch": le,
+                    "last_index": li, "pre_vote": pv}
+        case VoteReply(epoch=ep, voter=v, granted=g, pre_vote=pv):
+            return {"op": "vote_reply", "epoch": ep, "voter": v, "granted": g, "pre_vote": pv}
+    assert_never(msg)
+
+
+def _election_from_wire(f: _Fields, op: str) -> Vote | VoteReply:
+    if op == "vote":
+        candidate = f.string("candidate")
+        assert candidate is not None
+        return Vote(f.integer("epoch"), candidate, f.integer("last_epoch"),
+                    f.integer("last_index"), f.boolean("pre_vote"))
+    voter = f.string("voter")
+    assert voter is not None
+    return VoteReply(f.integer("epoch"), voter, f.boolean("granted"), f.boolean("pre_vote"))
 
 
 # --- storage records -----------------------------------------------------------------------------

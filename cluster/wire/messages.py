@@ -105,6 +105,32 @@ class Ack:
     index: int
 
 
+# --- elections, between nodes (not yet used by nodes in 0.2) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """``candidate`` asks for a vote in ``epoch``; with ``pre_vote``, only whether it would
+    get one (the voter changes nothing). ``last_epoch``/``last_index`` describe its log."""
+
+    epoch: int
+    candidate: str
+    last_epoch: int
+    last_index: int
+    pre_vote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VoteReply:
+    """``voter``'s answer: ``epoch`` is the epoch asked about when ``granted``, else the
+    voter's own epoch."""
+
+    epoch: int
+    voter: str
+    granted: bool
+    pre_vote: bool = False
+
+
 # --- replies -------------------------------------------------------------------------------------
 
 
@@ -132,4 +158,5 @@ APPLIED = ("no", "yes", "unknown")
 
 Request = Set | Delete | Get | Scan | Status | Ping | Sync
 Stream = Append | SnapshotChunk | Ack
-Message = Request | Stream | Reply | ErrorReply
+Election = Vote | VoteReply
+Message = Request | Stream | Reply | ErrorReply | Election

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,8 @@ from cluster.wire.messages import (
     SnapshotChunk,
     Status,
     Sync,
+    Vote,
+    VoteReply,
 )
 
 MAX_ID = 2**63 - 1
@@ -49,7 +53,7 @@ def entries(draw: st.DrawFn, index: int | None = None) -> Entry:
         draw(small_ints),
         draw(st.integers(0, 2**50)),
         op,
-        draw(keys),
+        "" if op is Op.NOOP else draw(keys),  # a noop has no key
         draw(values) if op is Op.SET else None,
     )
 
@@ -110,6 +114,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(ErrorReply, ids, st.text(max_size=20), st.text(max_size=50),
               st.none() | st.text(max_size=10), outcomes, st.none() | small_ints,
               st.none() | small_ints),
+    st.builds(Vote, small_ints, st.text(max_size=20), small_ints, small_ints, st.booleans()),
+    st.builds(VoteReply, small_ints, st.text(max_size=20), st.booleans(), st.booleans()),
 )
 
 
@@ -205,7 +211,7 @@ def test_random_bytes_raise_only_protocol_errors(payload: bytes) -> None:
         assert not str(exc).endswith(": "), "the error gives no reason"
         return
     assert isinstance(msg, (Reply, ErrorReply, Set, Delete, Get, Scan, Status, Ping, Sync,
-                            Append, SnapshotChunk, Ack))
+                            Append, SnapshotChunk, Ack, Vote, VoteReply))
 
 
 @settings(max_examples=200, deadline=None)
@@ -232,9 +238,10 @@ _field_names = st.sampled_from([
     "id", "op", "key", "value", "acks", "min_index", "consistency", "after", "limit", "node",
     "epoch", "last_index", "epochs", "prev_index", "prev_epoch", "entries", "commit", "index",
     "offset", "data", "done", "ok", "code", "message", "master",
+    "candidate", "last_epoch", "pre_vote", "voter", "granted",
 ])
 _ops = st.sampled_from(["set", "delete", "get", "scan", "status", "ping", "sync", "append",
-                        "snapshot", "ack", "nope", ""])
+                        "snapshot", "ack", "vote", "vote_reply", "nope", ""])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -529,3 +536,69 @@ def test_limits_count_encoded_bytes(key: str, value: str | bytes) -> None:
             codec.decode(payload, SMALL)
     else:
         assert codec.decode(payload, SMALL) == Set(3, key, value)
+
+
+# --- elections and noop entries (not yet used by nodes in 0.2) -----------------------------------
+
+
+@pytest.mark.parametrize("msg", [
+    Vote(7, "n2", 6, 120, True),
+    Vote(7, "n2", 6, 120, False),
+    Vote(1, "n1", 0, 0, False),
+    VoteReply(7, "n3", True, True),
+    VoteReply(6, "n3", False, False),
+])
+def test_election_messages_round_trip(msg: Message) -> None:
+    assert codec.decode(codec.encode(msg), LIMITS) == msg
+    assert codec.decode(FrameDecoder(LIMITS.max_frame).feed(codec.frame(msg))[0], LIMITS) == msg
+
+
+def test_vote_is_encoded_with_every_field() -> None:
+    assert codec.to_wire(Vote(7, "n2", 6, 120, True)) == {
+        "op": "vote", "epoch": 7, "candidate": "n2", "last_epoch": 6, "last_index": 120,
+        "pre_vote": True}
+    assert codec.to_wire(VoteReply(7, "n3", False, True)) == {
+        "op": "vote_reply", "epoch": 7, "voter": "n3", "granted": False, "pre_vote": True}
+
+
+@pytest.mark.parametrize(("m", "field"), [
+    ({"op": "vote", "epoch": 1, "last_epoch": 0, "last_index": 0, "pre_vote": False},
+     "candidate"),
+    ({"op": "vote", "epoch": -1, "candidate": "n1", "last_epoch": 0, "last_index": 0,
+      "pre_vote": False}, "epoch"),
+    ({"op": "vote", "epoch": 1, "candidate": "n1", "last_epoch": 0, "last_index": "0",
+      "pre_vote": False}, "last_index"),
+    ({"op": "vote", "epoch": 1, "candidate": "n1", "last_epoch": 0, "last_index": 0,
+      "pre_vote": 1}, "pre_vote"),
+    ({"op": "vote_reply", "epoch": 1, "voter": "n1", "pre_vote": False}, "granted"),
+    ({"op": "vote_reply", "epoch": 1, "voter": 3, "granted": True, "pre_vote": False}, "voter"),
+])
+def test_bad_election_messages_name_the_field(m: dict[str, Any], field: str) -> None:
+    with pytest.raises(BadRequest, match=field):
+        codec.decode(raw(m), LIMITS)
+
+
+@pytest.mark.parametrize("op", ["vote", "vote_reply"])
+def test_nodes_do_not_serve_election_messages_yet(op: str) -> None:
+    with pytest.raises(BadRequest, match="not a request this server serves") as info:
+        codec.decode_request(raw({"op": op, "id": 9}), LIMITS, codec.NODE_REQUESTS)
+    assert codec.request_id_of(info.value) == 9
+
+
+def test_protocol_doc_lists_the_election_fields() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = doc.split("### Elections (not yet used by nodes in 0.2)")[1].split("\n## ")[0]
+    for msg in (Vote(1, "n1", 0, 0, True), VoteReply(1, "n2", True, True)):
+        wire = codec.to_wire(msg)
+        table = section.split(f"#### `{wire['op']}` (")[1].split("\n\n")[1]
+        names = re.findall(r"^\| `(\w+)` +\|", table, re.MULTILINE)
+        assert names == list(wire), wire["op"]
+
+
+def test_noop_entries_round_trip_and_are_strict() -> None:
+    noop = Entry(8, 3, 1_700_000_000_000, Op.NOOP, "", None)
+    assert codec.unpack_entry(codec.pack_entry(noop)) == noop
+    assert codec.entry_from_wire([8, 3, 0, "noop", "", None]).op is Op.NOOP
+    for bad in ([8, 3, 0, "noop", "k", None], [8, 3, 0, "noop", "", "v"]):
+        with pytest.raises(BadRequest, match="noop"):
+            codec.entry_from_wire(bad)
