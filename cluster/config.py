@@ -111,6 +111,7 @@ class NodeConfig:
     snapshot_every: int = 100_000  # entries appended between snapshots
     batch_entries: int = 2048  # most entries in one replication frame
     window_entries: int = 32_768  # most entries sent to a slave and not yet acknowledged
+    metrics_listen: Address | None = None  # serve Prometheus metrics here (off when None)
 
     def validate(self) -> None:
         self.limits.validate()
@@ -121,6 +122,7 @@ class NodeConfig:
                 f"({', '.join(self.cluster)})"
             )
         _check_listen(self.listen, self.node_id, self.cluster[self.node_id])
+        _check_metrics(self.metrics_listen, self.listen)
         if self.bootstrap_master not in self.cluster:
             raise ConfigError(
                 f"master {self.bootstrap_master!r} is not in the cluster map "
@@ -153,10 +155,12 @@ class RouterConfig:
     # seconds a forwarded request may wait for its node's reply (a write that names a longer
     # timeout_ms gets that plus a second); above the master's default write timeout (5 s)
     request_timeout: float = 8.0
+    metrics_listen: Address | None = None  # serve Prometheus metrics here (off when None)
 
     def validate(self) -> None:
         self.limits.validate()
         _check_cluster(self.cluster)
+        _check_metrics(self.metrics_listen, self.listen)
         if not 0 < self.health_interval < self.node_timeout:
             raise ConfigError("the health interval must be positive and below the node timeout")
         if not self.request_timeout > 0:
@@ -186,6 +190,15 @@ def _check_cluster(cluster: dict[NodeId, Address]) -> None:
             raise ConfigError(f"nodes {seen[addr]!r} and {node!r} have the same address "
                               f"{addr} in the cluster map")
         seen[addr] = node
+
+
+def _check_metrics(metrics: Address | None, listen: Address) -> None:
+    """The metrics endpoint needs a port of its own."""
+    if metrics is None or metrics.port == 0 or metrics.port != listen.port:
+        return
+    if metrics.host == listen.host or {metrics.host, listen.host} & _WILDCARDS:
+        raise ConfigError(f"metrics address {metrics} is the listen address {listen}: give "
+                          f"the metrics another port")
 
 
 def _check_listen(listen: Address, node: NodeId, own: Address) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 import sys
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -90,11 +92,66 @@ def limits_from(max_frame: int, max_key_size: int, max_value_size: int) -> Limit
     return Limits(max_frame=max_frame, max_key=max_key_size, max_value=max_value_size)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+LOG_FORMATS = ("text", "json")
+
+
+def server_options(f: Any) -> Any:
+    """What ``replnode`` and ``replrouter`` share besides the limits: log format, metrics."""
+    f = click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False),
+                     default="text", envvar="REPL_LOG_FORMAT", show_default=True,
+                     help="Log lines on stderr as text, or as one JSON object per line "
+                     "(time, level, node or router, logger, event and the event's "
+                     "fields).")(f)
+    f = click.option("--metrics-listen", type=ADDRESS, default=None,
+                     envvar="REPL_METRICS_LISTEN",
+                     help="Serve Prometheus metrics over HTTP at HOST:PORT/metrics (off "
+                     "unless given).")(f)
+    return f
+
+
+def setup_logging(level: str, log_format: str = "text",
+                  process: Mapping[str, str] | None = None) -> None:
+    """Log to stderr at ``level``, as text or as JSON lines; ``process`` (``{"node": ID}``
+    or ``{"router": ADDRESS}``) names the process in each JSON line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(process or {}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+# what every LogRecord has; anything else on a record came in through ``extra``
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601 with milliseconds), ``level``,
+    the process's own keys, ``logger``, ``event`` (the message) and the fields the call
+    passed as ``extra``; ``exc`` holds a traceback when there is one."""
+
+    def __init__(self, process: Mapping[str, str]) -> None:
+        super().__init__()
+        self._process = dict(process)
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            **self._process,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_FIELDS:
+                out.setdefault(key, value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -16,6 +16,7 @@ from cluster.cli.common import (
     limits_from,
     listen_error,
     run_async,
+    server_options,
     setup_logging,
 )
 from cluster.config import Address, FsyncPolicy, NodeConfig
@@ -47,22 +48,24 @@ from cluster.types import NodeId
               envvar="REPL_SNAPSHOT_EVERY", show_default=True,
               help="Entries between snapshots (older log entries are then dropped).")
 @limit_options
+@server_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
 def main(node_id: str, listen: Address, data_dir: Path, cluster_map: dict[NodeId, Address],
          master: str, fsync: str, heartbeat_interval: float, peer_timeout: float,
          snapshot_every: int, max_frame: int, max_key_size: int, max_value_size: int,
-         log_level: str, debug: bool) -> None:
+         metrics_listen: Address | None, log_format: str, log_level: str,
+         debug: bool) -> None:
     """Run one replkv data node (master or slave, as --master says)."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format, {"node": node_id})
     try:
         config = NodeConfig(
             node_id=NodeId(node_id), listen=listen, data_dir=data_dir, cluster=cluster_map,
             bootstrap_master=NodeId(master), fsync=FsyncPolicy(fsync),
             limits=limits_from(max_frame, max_key_size, max_value_size),
             heartbeat_interval=heartbeat_interval, peer_timeout=peer_timeout,
-            snapshot_every=snapshot_every,
+            snapshot_every=snapshot_every, metrics_listen=metrics_listen,
         )
         config.validate()
     except ReplError as exc:

@@ -14,6 +14,7 @@ from cluster.cli.common import (
     limits_from,
     listen_error,
     run_async,
+    server_options,
     setup_logging,
 )
 from cluster.config import Address, RouterConfig
@@ -47,21 +48,24 @@ from cluster.types import NodeId
               "answered `timeout` with applied: unknown (a write with a longer --timeout-ms "
               "gets that plus a second).")
 @limit_options
+@server_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
 def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: float,
          node_timeout: float, max_lag: int, max_lag_ms: int, request_timeout: float,
-         max_frame: int, max_key_size: int, max_value_size: int, log_level: str,
+         max_frame: int, max_key_size: int, max_value_size: int,
+         metrics_listen: Address | None, log_format: str, log_level: str,
          debug: bool) -> None:
     """Run the replkv router: writes to the master, reads to a random live slave."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format, {"router": str(listen)})
     try:
         config = RouterConfig(listen=listen, cluster=cluster_map,
                               limits=limits_from(max_frame, max_key_size, max_value_size),
                               health_interval=health_interval, node_timeout=node_timeout,
                               max_lag=max_lag, max_lag_ms=max_lag_ms,
-                              request_timeout=request_timeout)
+                              request_timeout=request_timeout,
+                              metrics_listen=metrics_listen)
         config.validate()
     except ReplError as exc:
         raise click.UsageError(str(exc)) from exc

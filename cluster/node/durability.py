@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from cluster.config import FsyncPolicy
@@ -14,10 +15,12 @@ log = logging.getLogger(__name__)
 
 class Durability:
     def __init__(self, store: LogStore, policy: FsyncPolicy, durable: int,
-                 on_durable: Callable[[int], None]) -> None:
+                 on_durable: Callable[[int], None],
+                 on_sync: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._policy = policy
         self._on_durable = on_durable
+        self._on_sync = on_sync  # told how many seconds each fsync took (for metrics)
         self.written = durable
         self.durable = self.written
         self._dirty = asyncio.Event()
@@ -49,7 +52,7 @@ class Durability:
                 await self._dirty.wait()
                 self._dirty.clear()
                 target, generation = self.written, self._generation
-                await asyncio.to_thread(self._store.sync)
+                await self._sync()
                 if generation == self._generation:
                     self._advance(target)
         elif self._policy is FsyncPolicy.EVERYSEC:
@@ -58,11 +61,22 @@ class Durability:
                 await asyncio.sleep(1.0)
                 if self.written != synced:
                     synced = self.written
-                    await asyncio.to_thread(self._store.sync)
+                    await self._sync()
 
     async def flush(self) -> None:
         """Make everything written so far durable (at shutdown)."""
         target, generation = self.written, self._generation
-        await asyncio.to_thread(self._store.sync)
+        await self._sync()
         if generation == self._generation:
             self._advance(target)
+
+    async def _sync(self) -> None:
+        """fsync in a worker thread, timing the call itself (not the wait for a thread)."""
+        seconds = await asyncio.to_thread(self._timed_sync)
+        if self._on_sync is not None:
+            self._on_sync(seconds)
+
+    def _timed_sync(self) -> float:
+        started = time.perf_counter()
+        self._store.sync()
+        return time.perf_counter() - started

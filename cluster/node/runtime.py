@@ -27,6 +27,7 @@ from cluster.errors import (
     StorageFailure,
     reason,
 )
+from cluster.metrics import MeteredStream, NodeMetrics, serve_metrics
 from cluster.net.stream import FramedStream
 from cluster.node.durability import Durability
 from cluster.storage.base import carry_out
@@ -112,6 +113,9 @@ class Node:
         self.role: Role
         self._tg: asyncio.TaskGroup
         self._role_task: asyncio.Task[None] | None = None
+        self.metrics = None if config.metrics_listen is None else NodeMetrics(
+            config.node_id, self.status, lambda: len(self._streams),
+            lambda: self.store.wal.segments)
 
     @staticmethod
     def now_ms() -> int:
@@ -133,7 +137,9 @@ class Node:
             replica = Replica.recovered(recovered)
             log.info("recovered %s: snapshot at %d, log %d..%d, epoch %d, %d keys",
                      cfg.data_dir, replica.snapshot_index, replica.log.base + 1,
-                     replica.log.last_index, replica.epoch, len(replica.kv.data))
+                     replica.log.last_index, replica.epoch, len(replica.kv.data),
+                     extra={"snapshot_index": replica.snapshot_index,
+                            "last_index": replica.log.last_index, "epoch": replica.epoch})
             await self._serve(replica, on_ready)
         finally:
             self.store.close()
@@ -147,20 +153,32 @@ class Node:
             replica.epoch += 1
             self.store.set_epoch(replica.epoch)
             log.info("%s starts as master in epoch %d at index %d", cfg.node_id,
-                     replica.epoch, replica.log.last_index)
+                     replica.epoch, replica.log.last_index,
+                     extra={"role": "master", "epoch": replica.epoch,
+                            "last_index": replica.log.last_index})
             return MasterRole(self, replica)
         log.info("%s starts as slave of %s at index %d (epoch %d)", cfg.node_id,
-                 cfg.bootstrap_master, replica.log.last_index, replica.epoch)
+                 cfg.bootstrap_master, replica.log.last_index, replica.epoch,
+                 extra={"role": "slave", "master": cfg.bootstrap_master, "epoch": replica.epoch,
+                        "last_index": replica.log.last_index})
         return SlaveRole(self, replica, cfg.bootstrap_master)
 
     async def _serve(self, replica: Replica, on_ready: Callable[[Address], None]) -> None:
         cfg = self.config
-        self.durability = Durability(self.store, cfg.fsync, replica.durable, self._on_durable)
+        self.durability = Durability(self.store, cfg.fsync, replica.durable, self._on_durable,
+                                     None if self.metrics is None else self.metrics.synced)
         self.role = self._first_role(replica)
         server = await asyncio.start_server(self._handle, cfg.listen.host, cfg.listen.port,
                                             limit=256 * 1024, reuse_address=True)
         sock = server.sockets[0].getsockname()
         self.address = Address(cfg.listen.host, sock[1])
+        metrics_server = None
+        if self.metrics is not None and cfg.metrics_listen is not None:
+            try:
+                metrics_server = await serve_metrics(self.metrics.registry, cfg.metrics_listen)
+            except BaseException:
+                server.close()
+                raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -187,6 +205,8 @@ class Node:
                             await self._snapshot_task
         finally:
             server.close()
+            if metrics_server is not None:
+                metrics_server.close()
             await asyncio.gather(*(stream.close() for stream in list(self._streams)))
             with contextlib.suppress(asyncio.CancelledError):
                 await server.wait_closed()
@@ -232,26 +252,35 @@ class Node:
         the next write tries again; the log keeps growing meanwhile and loses nothing."""
         store = self.store
         core = self.role.core
+        started = time.perf_counter()
         meta, data = core.snapshot_point()
         try:
             job = store.begin_snapshot(meta, data)
         except (StorageFailure, OSError) as exc:
             log.error("could not start a snapshot at index %d: %s", meta.index,
                       reason(exc))
+            if self.metrics is not None:
+                self.metrics.snapshot(None)
             return
         try:
             await asyncio.to_thread(store.write_snapshot, job)
         except OSError as exc:
             store.abort_snapshot()
             log.error("snapshot at index %d failed: %s; will retry", job.meta.index, reason(exc))
+            if self.metrics is not None:
+                self.metrics.snapshot(None)
             return
         store.finish_snapshot(job)
         self.role.core.compacted(job.meta.index, job.drop_through)
+        if self.metrics is not None:
+            self.metrics.snapshot(time.perf_counter() - started)
 
     # --- client connections -------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = FramedStream(reader, writer, self.config.limits)
+        limits = self.config.limits
+        stream = FramedStream(reader, writer, limits) if self.metrics is None else \
+            MeteredStream(reader, writer, limits, self.metrics.requests)
         self._streams.add(stream)
         try:
             await self._serve_stream(stream)

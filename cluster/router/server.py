@@ -25,6 +25,7 @@ from cluster.errors import (
     Unavailable,
     reason,
 )
+from cluster.metrics import MeteredStream, RouterMetrics, outcome_of, serve_metrics
 from cluster.net.stream import FramedStream
 from cluster.router.table import RoutingTable
 from cluster.types import Consistency, NodeId
@@ -59,6 +60,8 @@ class Router:
         self._probed: set[NodeId] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._first_round = asyncio.Event()
+        self.metrics = None if config.metrics_listen is None else RouterMetrics(
+            lambda: {n: v.up for n, v in self.table.views.items()}, lambda: len(self._streams))
 
     def stop(self) -> None:
         self._stop.set()
@@ -68,6 +71,13 @@ class Router:
         server = await asyncio.start_server(self._handle, cfg.listen.host, cfg.listen.port,
                                             limit=256 * 1024, reuse_address=True)
         self.address = Address(cfg.listen.host, server.sockets[0].getsockname()[1])
+        metrics_server = None
+        if self.metrics is not None and cfg.metrics_listen is not None:
+            try:
+                metrics_server = await serve_metrics(self.metrics.registry, cfg.metrics_listen)
+            except BaseException:
+                server.close()
+                raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -86,6 +96,8 @@ class Router:
                     t.cancel()
         finally:
             server.close()
+            if metrics_server is not None:
+                metrics_server.close()
             await asyncio.gather(*(stream.close() for stream in list(self._streams)))
             for conn in self._links.values():
                 await conn.close()
@@ -144,7 +156,9 @@ class Router:
     # --- clients -----------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = _Client(FramedStream(reader, writer, self.config.limits))
+        limits = self.config.limits
+        client = _Client(FramedStream(reader, writer, limits) if self.metrics is None else
+                         MeteredStream(reader, writer, limits, self.metrics.requests))
         stream = client.stream
         self._streams.add(stream)
         try:
@@ -210,6 +224,8 @@ class Router:
 
         def done(reply: Reply | ErrorReply | ReplError) -> None:
             deadline.cancel()
+            if self.metrics is not None:
+                self.metrics.forwarded(node, msg, outcome_of(reply))
             if isinstance(reply, ReplError):
                 self._node_failed(node, conn, reason(reply))
                 self._retry_or_fail(msg, node, client, tried, str(reply), sent=True)
@@ -230,6 +246,8 @@ class Router:
             reply, should it come, is dropped."""
             if not conn.forget(rid):
                 return  # answered meanwhile
+            if self.metrics is not None:
+                self.metrics.timed_out(node, msg)
             client.finished(_timed_out(msg, node, seconds))
 
         seconds = self._deadline(msg)
