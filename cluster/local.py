@@ -33,6 +33,7 @@ from cluster.types import NodeId
 log = logging.getLogger(__name__)
 
 CONTROL_FILE = "cluster-up.json"
+METRICS_OFFSET = 100  # with a base port, metrics ports start this far above it
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
@@ -102,25 +103,36 @@ class LocalCluster:
 
     ``nodes`` counts the master too: ``n1`` is the master, ``n2``..``nN`` the slaves. With
     ``base_port`` 0 every process gets a free port; otherwise the router listens on
-    ``base_port`` and node ``nK`` on ``base_port + K``."""
+    ``base_port`` and node ``nK`` on ``base_port + K``. With ``metrics``, each process
+    serves Prometheus metrics too (:attr:`metrics_addresses`), on free ports or on
+    ``base_port + METRICS_OFFSET`` (the router) and ``base_port + METRICS_OFFSET + K``.
+    ``log_format`` (``text`` or ``json``) is passed to every process."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", base_port: int = 7000,
                  nodes: int = 4, fsync: str = "always", extra_node_args: list[str] | None = None,
-                 extra_router_args: list[str] | None = None, ready_timeout: float = 20.0
-                 ) -> None:
+                 extra_router_args: list[str] | None = None, ready_timeout: float = 20.0,
+                 log_format: str = "text", metrics: bool = False) -> None:
         if nodes < 1:
             raise ClusterError(f"a cluster needs at least one node, not {nodes}")
-        if base_port and base_port + nodes > 65535:
+        last = base_port + nodes + (METRICS_OFFSET if metrics else 0)
+        if base_port and last > 65535:
             raise ClusterError(f"base port {base_port} leaves no room for {nodes} nodes "
-                               f"(the last port would be {base_port + nodes})")
+                               f"(the last port would be {last})")
         self.data_dir = data_dir
         self.host = host
-        ports = free_ports(nodes + 1, host) if base_port == 0 else [
-            base_port + i for i in range(nodes + 1)]
+        count = (nodes + 1) * (2 if metrics else 1)
+        ports = free_ports(count, host) if base_port == 0 else [
+            base_port + i for i in range(nodes + 1)] + [
+            base_port + METRICS_OFFSET + i for i in range(count - nodes - 1)]
         self.router_address = Address(host, ports[0])
         self.node_ids = [NodeId(f"n{i}") for i in range(1, nodes + 1)]
         self.addresses: dict[str, Address] = {
             n: Address(host, ports[i + 1]) for i, n in enumerate(self.node_ids)}
+        # where each process serves its metrics (empty without ``metrics``)
+        self.metrics_addresses: dict[str, Address] = {
+            name: Address(host, port)
+            for name, port in zip(["router", *self.node_ids], ports[nodes + 1:], strict=True)}
+        common = ["--log-format", log_format] if log_format != "text" else []
         self.master = self.node_ids[0]
         self.ready_timeout = ready_timeout
         cluster_arg = format_cluster(self.addresses)
@@ -130,13 +142,19 @@ class LocalCluster:
             self.children[n] = Child(n, [
                 "-m", "cluster.cli.node", "--id", n, "--listen", str(self.addresses[n]),
                 "--data-dir", str(data_dir / n), "--cluster", cluster_arg,
-                "--master", self.master, "--fsync", fsync, *(extra_node_args or []),
+                "--master", self.master, "--fsync", fsync, *common,
+                *self._metrics_args(n), *(extra_node_args or []),
             ], logs / f"{n}.log")
         self.children["router"] = Child("router", [
             "-m", "cluster.cli.router", "--listen", str(self.router_address),
-            "--cluster", cluster_arg, *(extra_router_args or []),
+            "--cluster", cluster_arg, *common, *self._metrics_args("router"),
+            *(extra_router_args or []),
         ], logs / "router.log")
         self._crashes: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    def _metrics_args(self, name: str) -> list[str]:
+        addr = self.metrics_addresses.get(name)
+        return [] if addr is None else ["--metrics-listen", str(addr)]
 
     def address_of(self, name: str) -> Address:
         return self.router_address if name == "router" else self.addresses[name]
@@ -166,8 +184,8 @@ class LocalCluster:
             if pid is not None:
                 raise ClusterError(f"{lock.in_use_message(directory, pid)}; is another "
                                    f"`replctl cluster up` running on {self.data_dir}?")
-        for name in self.children:
-            addr = self.address_of(name)
+        for name, addr in [*((n, self.address_of(n)) for n in self.children),
+                           *((f"{n}'s metrics", a) for n, a in self.metrics_addresses.items())]:
             if port_in_use(addr):
                 raise ClusterError(f"port {addr.port} on {addr.host} (for {name}) is already "
                                    f"in use; choose another --base-port (0 picks free ports)")

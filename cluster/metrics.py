@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -317,20 +318,30 @@ async def serve_metrics(registry: CollectorRegistry, address: Address) -> asynci
     try:
         return await asyncio.start_server(handle, address.host, address.port, limit=MAX_HEAD,
                                           reuse_address=True)
-    except OSError as exc:
-        raise NetworkError(f"cannot listen on {address} for metrics: "
-                           f"{exc.strerror or exc}") from exc
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot listen on {address} for metrics: unknown host "
+                           f"{address.host!r}") from exc
+    except OSError as exc:  # asyncio words it "error while attempting to bind on ...": not again
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise NetworkError(f"cannot listen on {address} for metrics: {why}") from exc
 
 
 def _answer(registry: CollectorRegistry, head: bytes) -> tuple[str, bytes, str]:
-    method, _, rest = head.partition(b" ")
-    path = rest.partition(b" ")[0].partition(b"?")[0]
-    if method not in (b"GET", b"HEAD"):
+    """The status, body and content type for a request whose head is ``head``: the format
+    follows the Accept header as prometheus_client's own server does (the text format, or
+    OpenMetrics when the scraper asks for it)."""
+    request, *lines = head.decode("latin-1").split("\r\n")
+    method, _, rest = request.partition(" ")
+    path = rest.partition(" ")[0].partition("?")[0]
+    if method not in ("GET", "HEAD"):
         return "405 Method Not Allowed", b"only GET\n", "text/plain"
-    if path not in (b"/metrics", b"/"):
+    if path not in ("/metrics", "/"):
         return "404 Not Found", b"metrics are at /metrics\n", "text/plain"
+    accept = next((value for name, _, value in (line.partition(":") for line in lines)
+                   if name.strip().lower() == "accept"), "")
     try:
-        return "200 OK", generate_latest(registry), CONTENT_TYPE_LATEST
+        encode, content_type = choose_encoder(accept.strip())
+        return "200 OK", encode(registry), content_type
     except Exception:  # a collector's bug fails the scrape, not the process
         log.exception("collecting metrics failed")
         return "500 Internal Server Error", b"collecting metrics failed\n", "text/plain"

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import click
 
-from cluster.cli.common import fail, run_async
+from cluster.cli.common import LOG_FORMATS, fail, run_async
 from cluster.errors import ClusterError, ReplError
-from cluster.local import LocalCluster, control_channel, request_restart
+from cluster.local import METRICS_OFFSET, LocalCluster, control_channel, request_restart
 
 DEFAULT_DATA = Path("./data")
 
@@ -38,13 +38,22 @@ def cluster() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
               show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS, case_sensitive=False),
+              default="text", envvar="REPL_LOG_FORMAT", show_default=True,
+              help="How every process writes its log in DATA/logs/: text, or one JSON object "
+              "per line.")
+@click.option("--metrics", is_flag=True,
+              help=f"Every process serves Prometheus metrics: the router on BASE-PORT+"
+              f"{METRICS_OFFSET}, nK on BASE-PORT+{METRICS_OFFSET}+K (free ports with "
+              "--base-port 0).")
 @click.pass_obj
-def up(obj: _Obj, nodes: int, base_port: int, data_dir: Path, host: str, fsync: str) -> None:
+def up(obj: _Obj, nodes: int, base_port: int, data_dir: Path, host: str, fsync: str,
+       log_format: str, metrics: bool) -> None:
     """Run a local cluster in the foreground; Ctrl-C stops it.
 
     A master (n1), NODES-1 slaves and a router, each logging to DATA/logs/."""
     try:
-        run_async(cluster_up(data_dir, host, base_port, fsync, nodes))
+        run_async(cluster_up(data_dir, host, base_port, fsync, nodes, log_format, metrics))
     except ReplError as exc:
         raise fail(exc, obj.debug) from exc
     except KeyboardInterrupt:
@@ -84,9 +93,9 @@ def _plural(n: int, word: str) -> str:
 
 
 async def cluster_up(data_dir: Path, host: str, base_port: int, fsync: str,
-                     nodes: int = 4) -> None:
+                     nodes: int = 4, log_format: str = "text", metrics: bool = False) -> None:
     local = LocalCluster(data_dir.resolve(), host=host, base_port=base_port, nodes=nodes,
-                         fsync=fsync)
+                         fsync=fsync, log_format=log_format, metrics=metrics)
     click.echo(f"starting a master, {_plural(nodes - 1, 'slave')} and a router "
                f"(a majority is {nodes // 2 + 1} of {nodes} nodes); data in {local.data_dir}")
     await local.start()
@@ -120,8 +129,10 @@ async def cluster_up(data_dir: Path, host: str, base_port: int, fsync: str,
             for name, child in local.children.items():
                 role = "router" if name == "router" else \
                     "master" if name == local.master else "slave"
+                scrape = local.metrics_addresses.get(name)
                 click.echo(f"{name:7} {local.address_of(name)!s:21} {role:6}  "
-                           f"pid {child.pid:<7}  log {child.log_path}")
+                           f"pid {child.pid:<7}  log {child.log_path}"
+                           + (f"  metrics http://{scrape}/metrics" if scrape else ""))
             click.echo(f"use it:  replctl --router {local.router_address} status")
             click.echo(f"restart a process that crashed or that you killed:  "
                        f"{restart_command('NAME', local.data_dir)}")
