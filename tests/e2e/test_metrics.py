@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -26,6 +27,9 @@ from cluster.config import Address
 from cluster.local import LocalCluster, free_ports
 from tests.e2e.conftest import FAST_NODE, FAST_ROUTER, node_status, wait_applied, wait_for
 from tests.e2e.test_local_cluster import cluster_up, listening
+from tests.unit.test_protocol_doc import _table
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 
@@ -52,11 +56,33 @@ async def http_get(addr: Address, path: str = "/metrics", method: str = "GET"
     return status, headers, body
 
 
-async def scrape(addr: Address) -> list[Sample]:
+async def families(addr: Address) -> list[Metric]:
     status, headers, body = await http_get(addr)
     assert status == "HTTP/1.1 200 OK", (status, body)
     assert headers["content-type"].startswith("text/plain; version=")
-    return [s for family in text_string_to_metric_families(body) for s in family.samples]
+    return list(text_string_to_metric_families(body))
+
+
+async def scrape(addr: Address) -> list[Sample]:
+    return [s for family in await families(addr) for s in family.samples]
+
+
+def exposed(metrics: list[Metric]) -> dict[str, tuple[str, set[str]]]:
+    """The replkv metrics: name (a counter's with ``_total``) -> type and label names."""
+    out: dict[str, tuple[str, set[str]]] = {}
+    for f in metrics:
+        if f.name.startswith("replkv_") and not f.name.endswith("_created"):
+            name = f"{f.name}_total" if f.type == "counter" else f.name
+            labels = {k for s in f.samples for k in s.labels} - {"le"}
+            old = out.get(name, (f.type, set()))
+            out[name] = (f.type, old[1] | labels)
+    return out
+
+
+def documented() -> dict[str, tuple[str, set[str]]]:
+    """The metrics table of docs/OPERATIONS.md: name -> type and label names."""
+    rows = _table((ROOT / "docs" / "OPERATIONS.md").read_text(), "metrics")
+    return {row[0].strip("`"): (row[1], set(re.findall(r"`(\w+)`", row[2]))) for row in rows}
 
 
 def value(samples: list[Sample], name: str, **labels: str) -> float:
@@ -101,8 +127,15 @@ async def test_metrics_of_every_process_match_a_known_workload(tmp_path: Path) -
                     and value(m, "replkv_majority_index") == 100)
 
         await wait_for(caught_up, "the master to see every slave caught up")
-        nodes = {str(n): await scrape(cl.metrics_addresses[n]) for n in cl.node_ids}
-        router = await scrape(cl.metrics_addresses["router"])
+        every = {name: await families(addr) for name, addr in cl.metrics_addresses.items()}
+        nodes = {n: [s for f in every[n] for s in f.samples] for n in every if n != "router"}
+        router = [s for f in every["router"] for s in f.samples]
+        # docs/OPERATIONS.md lists exactly what the processes expose
+        seen: dict[str, tuple[str, set[str]]] = {}
+        for metrics in every.values():
+            for name, (kind, labels) in exposed(metrics).items():
+                seen[name] = (kind, seen.get(name, (kind, set()))[1] | labels)
+        assert seen == documented()
 
         master = nodes["n1"]
         assert value(master, "replkv_requests_total", type="set", outcome="ok") == 100
