@@ -129,7 +129,7 @@ class LocalCluster:
         self.addresses: dict[str, Address] = {
             n: Address(host, ports[i + 1]) for i, n in enumerate(self.node_ids)}
         # where each process serves its metrics (empty without ``metrics``)
-        self.metrics_addresses: dict[str, Address] = {
+        self.metrics_addresses: dict[str, Address] = {} if not metrics else {
             name: Address(host, port)
             for name, port in zip(["router", *self.node_ids], ports[nodes + 1:], strict=True)}
         common = ["--log-format", log_format] if log_format != "text" else []

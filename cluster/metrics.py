@@ -316,14 +316,18 @@ async def serve_metrics(registry: CollectorRegistry, address: Address) -> asynci
             writer.close()
 
     try:
-        return await asyncio.start_server(handle, address.host, address.port, limit=MAX_HEAD,
-                                          reuse_address=True)
+        server = await asyncio.start_server(handle, address.host, address.port,
+                                            limit=MAX_HEAD, reuse_address=True)
     except socket.gaierror as exc:
         raise NetworkError(f"cannot listen on {address} for metrics: unknown host "
                            f"{address.host!r}") from exc
     except OSError as exc:  # asyncio words it "error while attempting to bind on ...": not again
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise NetworkError(f"cannot listen on {address} for metrics: {why}") from exc
+    port = server.sockets[0].getsockname()[1]
+    log.info("metrics at http://%s/metrics", Address(address.host, port),
+             extra={"metrics": str(Address(address.host, port))})
+    return server
 
 
 def _answer(registry: CollectorRegistry, head: bytes) -> tuple[str, bytes, str]:

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.cli.common import JsonFormatter
 from cluster.config import Address, FsyncPolicy, Limits, NodeConfig, RouterConfig
-from cluster.errors import ConfigError, NetworkError
+from cluster.errors import ClusterError, ConfigError, NetworkError
+from cluster.local import LocalCluster
 from cluster.metrics import MeteredStream, NodeMetrics, RouterMetrics, _answer, serve_metrics
 from cluster.node.durability import Durability
 from cluster.types import Consistency, NodeId
@@ -239,3 +240,25 @@ async def test_an_unusable_metrics_address_is_one_clear_error() -> None:
         server.close()
     with pytest.raises(NetworkError, match=re.escape("unknown host 'no.such.host.invalid'")):
         await serve_metrics(registry, Address("no.such.host.invalid", 0))
+
+
+def test_local_cluster_passes_metrics_and_log_format_only_when_asked(tmp_path: Path) -> None:
+    plain = LocalCluster(tmp_path, base_port=7000, nodes=2)
+    assert plain.metrics_addresses == {}
+    for child in plain.children.values():
+        assert "--metrics-listen" not in child.args and "--log-format" not in child.args
+    cl = LocalCluster(tmp_path, base_port=7000, nodes=2, metrics=True, log_format="json")
+    assert cl.metrics_addresses == {"router": Address("127.0.0.1", 7100),
+                                    "n1": Address("127.0.0.1", 7101),
+                                    "n2": Address("127.0.0.1", 7102)}
+    for name, child in cl.children.items():
+        args = " ".join(child.args)
+        assert f"--metrics-listen {cl.metrics_addresses[name]}" in args
+        assert "--log-format json" in args
+    free = LocalCluster(tmp_path, base_port=0, nodes=2, metrics=True)
+    ports = [a.port for a in (free.router_address, *free.addresses.values(),
+                              *free.metrics_addresses.values())]
+    assert len(set(ports)) == 6
+    LocalCluster(tmp_path, base_port=65450, nodes=4)  # fits without metrics
+    with pytest.raises(ClusterError, match="leaves no room"):
+        LocalCluster(tmp_path, base_port=65450, nodes=4, metrics=True)
