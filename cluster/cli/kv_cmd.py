@@ -143,7 +143,8 @@ def delete(ctx: Ctx, key: str, acks: Acks, timeout_ms: int | None) -> None:
 @output_options
 @click.pass_obj
 def show(ctx: Ctx, min_index: Token | int, tokens: bool) -> None:
-    """Print every key and value, in key order (--json: one object)."""
+    """Print every key and value, in key order (--json: one object; with --tokens, a
+    list)."""
     if not tokens:
         async def collect(c: Client) -> list[tuple[str, Value]]:
             return [item async for item in c.items(min_index=min_index)]
