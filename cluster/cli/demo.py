@@ -207,10 +207,12 @@ async def _all_applied(d: Demo, index: int) -> bool:
     return True
 
 
-def _digest(items: list[tuple[str, Value]]) -> str:
+def _digest(items: list[tuple[str, Value, Token]]) -> str:
+    """Of every key, value and token: two nodes agree only when each value came from the
+    same write."""
     h = hashlib.sha256()
-    for k, v in items:
-        h.update(repr((k, v)).encode())
+    for k, v, t in items:
+        h.update(repr((k, v, t.epoch, t.index)).encode())
     return h.hexdigest()[:12]
 
 
@@ -227,11 +229,11 @@ async def _final_state(d: Demo, local: LocalCluster | None) -> None:
         try:
             async with await Client.connect(addr, timeout=5) as nc:
                 st = await nc.status()
-                items = [i async for i in nc.items()]
+                items = [i async for i in nc.items_with_tokens()]
         except ReplError as exc:
             rows.append((node, "down", "-", "-", "-", "-", str(exc)[:30]))
             continue
-        values = dict(items)
+        values = {k: v for k, v, _ in items}
         rows.append((node, st["role"], str(st["applied_index"]), str(len(items)),
                      _digest(items), str(values.get("city:paris")),
                      str(values.get("greeting"))))

@@ -48,11 +48,16 @@ def write_options(f: F) -> F:
                         help=ACKS_HELP)(f)
 
 
-def format_items(items: list[tuple[str, Value]]) -> list[str]:
+def format_items(items: list[tuple[str, Value]], tokens: list[Token] | None = None
+                 ) -> list[str]:
     """Keys and values in two aligned columns (``show`` on the command line and in the
-    shell)."""
+    shell); with ``tokens``, each key's token in a column between them."""
     width = max((len(k) for k, _ in items), default=0)
-    return [f"{k.ljust(width)}  {show_value(v)}" for k, v in items]
+    if tokens is None:
+        return [f"{k.ljust(width)}  {show_value(v)}" for k, v in items]
+    twidth = max((len(str(t)) for t in tokens), default=0)
+    return [f"{k.ljust(width)}  {str(t).ljust(twidth)}  {show_value(v)}"
+            for (k, v), t in zip(items, tokens, strict=True)]
 
 
 def written(token: Token, copies: bool = False) -> str:
@@ -105,8 +110,12 @@ def read(ctx: Ctx, key: str, min_index: Token | int, strong: bool) -> None:
     """Print the value of KEY (exit 1 when it does not exist)."""
     result = ctx.run(lambda c: c.get(key, min_index=min_index, strong=strong))
     if ctx.json:
+        token = result.token
         echo_json({"key": key, "found": result.found, "value": result.value,
-                   "index": result.index, "node": result.node})
+                   "index": result.index, "node": result.node,
+                   "token": None if token is None else str(token),
+                   "key_epoch": None if token is None else token.epoch,
+                   "key_index": None if token is None else token.index})
     elif result.found:
         click.echo(show_value(result.value))
     else:
@@ -128,17 +137,33 @@ def delete(ctx: Ctx, key: str, acks: Acks, timeout_ms: int | None) -> None:
 @click.command()
 @click.option("--min-index", type=TOKEN, default=0,
               help="Only from a node that holds the write with this token (EPOCH:INDEX).")
+@click.option("--tokens", is_flag=True,
+              help="With each key's token EPOCH:INDEX, the write that set its value (--json: "
+                   "a list of {key, value, token, epoch, index}).")
 @output_options
 @click.pass_obj
-def show(ctx: Ctx, min_index: Token | int) -> None:
-    """Print every key and value, in key order (--json: one object)."""
-    async def collect(c: Client) -> list[tuple[str, Value]]:
-        return [item async for item in c.items(min_index=min_index)]
-    items = ctx.run(collect)
-    if ctx.json:
-        echo_json({k: show_value(v) for k, v in items})
-        return
-    for line in format_items(items):
+def show(ctx: Ctx, min_index: Token | int, tokens: bool) -> None:
+    """Print every key and value, in key order (--json: one object; with --tokens, a
+    list)."""
+    if not tokens:
+        async def collect(c: Client) -> list[tuple[str, Value]]:
+            return [item async for item in c.items(min_index=min_index)]
+        items = ctx.run(collect)
+        if ctx.json:
+            echo_json({k: show_value(v) for k, v in items})
+            return
+        lines = format_items(items)
+    else:
+        async def collect_tokens(c: Client) -> list[tuple[str, Value, Token]]:
+            return [item async for item in c.items_with_tokens(min_index=min_index)]
+        found = ctx.run(collect_tokens)
+        if ctx.json:
+            echo_json([{"key": k, "value": show_value(v), "token": str(t), "epoch": t.epoch,
+                        "index": t.index} for k, v, t in found])
+            return
+        items = [(k, v) for k, v, _ in found]
+        lines = format_items(items, [t for _, _, t in found])
+    for line in lines:
         click.echo(line)
     click.echo(f"({len(items)} keys)", err=True)
 

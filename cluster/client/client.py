@@ -3,6 +3,11 @@
     async with await Client.connect(Address.parse("127.0.0.1:7000")) as kv:
         token = await kv.set("k", "v")                # Token(epoch, index)
         result = await kv.get("k", min_index=token)   # read your own write
+        result.token                                  # the write that set the value
+
+Reads say which write produced each value: ``GetResult.token`` and the tokens of
+:meth:`Client.scan_with_tokens` and :meth:`Client.items_with_tokens` are the (epoch, index)
+of the log entry that last set the key, the token its ``set`` returned.
 
 Errors of the server are raised as the matching :mod:`cluster.errors` class. An error of
 a write says what became of it: ``exc.applied`` is ``"no"`` (safe to retry), ``"yes"`` or
@@ -13,10 +18,10 @@ reply in time, the connection lost after sending) is ``"unknown"`` too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from cluster.client.connection import Connection
 from cluster.config import Address, Limits
@@ -41,6 +46,9 @@ class GetResult:
     value: Value | None
     index: int  # the serving node's applied index
     node: str | None  # which node served the read
+    # the write that set the value: its entry's (epoch, index); None when not found (or
+    # served by an older node, which does not say)
+    token: Token | None = None
 
 
 class Client:
@@ -106,26 +114,46 @@ class Client:
         consistency = Consistency.STRONG if strong else Consistency.ANY
         epoch, index = _split(min_index)
         f = await self._call(Get(self._id(), key, index, consistency, epoch))
-        return GetResult(bool(f["found"]), f.get("value"), int(f["index"]), f.get("node"))
+        token = None
+        if f["found"] and "key_index" in f:
+            token = Token(int(f.get("key_epoch", 0)), int(f["key_index"]))
+        return GetResult(bool(f["found"]), f.get("value"), int(f["index"]), f.get("node"),
+                         token)
 
     async def scan(self, after: str | None = None, limit: int = 1000, *,
                    min_index: Token | int = 0) -> tuple[list[tuple[str, Value]], bool]:
-        epoch, index = _split(min_index)
-        f = await self._call(Scan(self._id(), after, limit, index, epoch))
+        """A page of keys after ``after``, in key order, and whether more follow."""
+        f = await self._scan(after, limit, min_index)
         return [(k, v) for k, v in f["items"]], bool(f["more"])
 
-    async def items(self, page: int = 1000, *, min_index: Token | int = 0
-                    ) -> AsyncIterator[tuple[str, Value]]:
+    async def scan_with_tokens(self, after: str | None = None, limit: int = 1000, *,
+                               min_index: Token | int = 0
+                               ) -> tuple[list[tuple[str, Value, Token]], bool]:
+        """As :meth:`scan`, with each key's token: the write that set its value."""
+        f = await self._scan(after, limit, min_index)
+        items, tokens = f["items"], f.get("key_tokens")
+        if not isinstance(tokens, list) or len(tokens) != len(items):
+            raise ProtocolError(f"node {f.get('node')} did not send a key token for each "
+                                "item (an older node does not)")
+        return ([(k, v, Token(int(e), int(i)))
+                 for (k, v), (e, i) in zip(items, tokens, strict=True)], bool(f["more"]))
+
+    async def _scan(self, after: str | None, limit: int, min_index: Token | int
+                    ) -> dict[str, Any]:
+        epoch, index = _split(min_index)
+        return await self._call(Scan(self._id(), after, limit, index, epoch))
+
+    def items(self, page: int = 1000, *, min_index: Token | int = 0
+              ) -> AsyncIterator[tuple[str, Value]]:
         """Every key and value, in key order, a page at a time (each page from a node that
         holds the write ``min_index`` names)."""
-        after: str | None = None
-        while True:
-            items, more = await self.scan(after, page, min_index=min_index)
-            for item in items:
-                yield item
-            if not more or not items:
-                return
-            after = items[-1][0]
+        return _every_page(lambda after: self.scan(after, page, min_index=min_index))
+
+    def items_with_tokens(self, page: int = 1000, *, min_index: Token | int = 0
+                          ) -> AsyncIterator[tuple[str, Value, Token]]:
+        """As :meth:`items`, with each key's token: the write that set its value."""
+        return _every_page(lambda after: self.scan_with_tokens(after, page,
+                                                               min_index=min_index))
 
     async def status(self) -> dict[str, Any]:
         return await self._call(Status(self._id()))
@@ -152,6 +180,22 @@ def _fields(reply: Reply | ErrorReply, write: bool = False) -> dict[str, Any]:
 def _token(fields: dict[str, Any]) -> Token:
     return Token(int(fields.get("epoch", 0)), int(fields["index"]),
                  int(fields.get("copies", 0)))
+
+
+_Item = TypeVar("_Item", tuple[str, Value], tuple[str, Value, Token])
+
+
+async def _every_page(scan: Callable[[str | None], Awaitable[tuple[list[_Item], bool]]]
+                      ) -> AsyncIterator[_Item]:
+    """Every item of a scan, calling ``scan(after)`` for each page."""
+    after: str | None = None
+    while True:
+        items, more = await scan(after)
+        for item in items:
+            yield item
+        if not more or not items:
+            return
+        after = items[-1][0]
 
 
 def _split(token: Token | int) -> tuple[int, int]:

@@ -144,7 +144,7 @@ class MasterCore:
     def _refuse(client: Any, rid: int, code: str, text: str) -> Ready:
         return Ready(replies=[(client, ErrorReply(rid, code, text, applied=NOT_APPLIED))])
 
-    def advance(self, ready: Ready, snapshot_data: dict[str, Value] | None = None) -> Ready:
+    def advance(self, ready: Ready, snapshot_data: KV | None = None) -> Ready:
         """The shell wrote ``ready.entries`` to the log (not yet synced): apply them."""
         for e in ready.entries:
             self.log.append(e)
@@ -372,7 +372,7 @@ class MasterCore:
         self.snapshot_index = snapshot_index
         self.log.compact_to(drop_through)
 
-    def snapshot_point(self) -> tuple[SnapshotMeta, dict[str, Value]]:
+    def snapshot_point(self) -> tuple[SnapshotMeta, KV]:
         return snapshot_point(self.log, self.kv)
 
     def handover(self) -> Replica:

@@ -22,7 +22,7 @@ from cluster.core.state import (
     snapshot_point,
 )
 from cluster.errors import LocalProtocolError, RemoteProtocolError, StaleEpoch
-from cluster.types import NodeId, Value
+from cluster.types import NodeId
 from cluster.wire.messages import Ack, Append, Sync
 
 
@@ -96,7 +96,7 @@ class SlaveCore:
         self.snapshot_index = r.snapshot_index
         self._durable = r.durable
 
-    def snapshot_point(self) -> tuple[SnapshotMeta, dict[str, Value]]:
+    def snapshot_point(self) -> tuple[SnapshotMeta, KV]:
         return snapshot_point(self.log, self.kv)
 
     def handover(self) -> Replica:
@@ -136,7 +136,7 @@ class SlaveCore:
         if match < last:
             if match < self.snapshot_index:
                 removed = self.log.truncate_after(self.log.base)
-                self.load(Recovered(self._epoch, NO_SNAPSHOT, {}, []))
+                self.load(Recovered(self._epoch, NO_SNAPSHOT, KV(), []))
                 out.wipe = True
                 out.truncate = Truncate(0, tuple(removed))
                 out.resync = True
@@ -194,7 +194,7 @@ class SlaveCore:
         self.progressed = True
         return Ready(messages=[self.ack()])
 
-    def advance(self, ready: Ready, snapshot_data: dict[str, Value] | None = None) -> Ready:
+    def advance(self, ready: Ready, snapshot_data: KV | None = None) -> Ready:
         """The shell carried out ``ready``: apply the persisted entries; after a cut, the map
         is rebuilt from the snapshot's ``snapshot_data`` and the cut log is durable."""
         out = Ready()

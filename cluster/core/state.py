@@ -18,7 +18,7 @@ from cluster.core.history import EpochHistory
 from cluster.core.kv import KV
 from cluster.core.log import Log
 from cluster.errors import Behind, WriteLost
-from cluster.types import Entry, Value
+from cluster.types import Entry
 from cluster.wire.messages import ErrorReply, Message, Reply
 
 
@@ -41,7 +41,7 @@ class Recovered:
 
     epoch: int
     snapshot: SnapshotMeta
-    data: dict[str, Value]
+    data: KV  # the snapshot's map, at ``snapshot.index`` (not to be changed: restore copies)
     entries: list[Entry]
 
 
@@ -55,7 +55,8 @@ def restore(rec: Recovered) -> tuple[Log, KV]:
         history.truncate_after(base)
         base_epoch = history.epoch_at(base)
     log = Log(base, base_epoch, history)
-    kv = KV(dict(rec.data), snap.index)
+    assert rec.data.applied == snap.index, "a snapshot's map is at the snapshot's index"
+    kv = rec.data.copy()
     for e in rec.entries:
         log.append(e)
         if e.index > snap.index:
@@ -80,21 +81,24 @@ class Replica:
         return cls(log, kv, max(rec.epoch, log.last_epoch), rec.snapshot.index, log.last_index)
 
 
-def rebuild_kv(log: Log, snapshot_index: int, data: dict[str, Value]) -> KV:
-    """The map at the end of ``log``: the snapshot's ``data`` plus the entries after it."""
-    kv = KV(dict(data), snapshot_index)
+def rebuild_kv(log: Log, snapshot_index: int, data: KV) -> KV:
+    """The map at the end of ``log``: the snapshot's map ``data`` (a copy of it) plus the
+    entries after it."""
+    assert data.applied == snapshot_index, "a snapshot's map is at the snapshot's index"
+    kv = data.copy()
     for i in range(snapshot_index + 1, log.last_index + 1):
         kv.apply(log.get(i))
     return kv
 
 
-def snapshot_point(log: Log, kv: KV) -> tuple[SnapshotMeta, dict[str, Value]]:
-    """What a snapshot taken now holds: the map (a copy) at the end of the log."""
+def snapshot_point(log: Log, kv: KV) -> tuple[SnapshotMeta, KV]:
+    """What a snapshot taken now holds: the map (a copy, with each key's index) at the end
+    of the log."""
     index = kv.applied
     assert index == log.last_index, "a snapshot is taken with every entry applied"
     history = EpochHistory(log.history.pairs())
     history.truncate_after(index)
-    return SnapshotMeta(index, log.epoch_at(index), history.pairs()), dict(kv.data)
+    return SnapshotMeta(index, log.epoch_at(index), history.pairs()), kv.copy()
 
 
 def check_read(node: str, log: Log, kv: KV, min_epoch: int, min_index: int) -> None:

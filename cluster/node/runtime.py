@@ -60,8 +60,8 @@ class Core(Protocol):
     @property
     def durable(self) -> int: ...
 
-    def snapshot_point(self) -> tuple[SnapshotMeta, dict[str, Any]]: ...
-    def advance(self, ready: Ready, snapshot_data: dict[str, Any] | None = None) -> Ready: ...
+    def snapshot_point(self) -> tuple[SnapshotMeta, KV]: ...
+    def advance(self, ready: Ready, snapshot_data: KV | None = None) -> Ready: ...
     def handover(self) -> Replica: ...
     def compacted(self, snapshot_index: int, drop_through: int) -> None: ...
 
@@ -314,10 +314,12 @@ class Node:
                     return self.role.write(msg, stream)
                 case Scan(after=after, limit=limit):
                     self.role.check_read(Consistency.ANY, msg.min_epoch, msg.min_index)
-                    kv = self.role.core.kv
-                    items, more = kv.scan(after, limit, self.config.limits.max_frame // 2)
-                    return Reply(rid, {"items": [list(i) for i in items], "more": more,
-                                       "index": kv.applied, "node": self.config.node_id})
+                    core = self.role.core
+                    items, more = core.kv.scan(after, limit, self.config.limits.max_frame // 2)
+                    epoch_at = core.log.epoch_at
+                    return Reply(rid, {"items": [[k, v] for k, v, _ in items], "more": more,
+                                       "index": core.kv.applied, "node": self.config.node_id,
+                                       "key_tokens": [[epoch_at(i), i] for _, _, i in items]})
                 case Status():
                     return Reply(rid, self.status())
                 case Ping():
@@ -334,12 +336,15 @@ class Node:
 
     def _get(self, msg: Get) -> Reply:
         self.role.check_read(msg.consistency, msg.min_epoch, msg.min_index)
-        kv = self.role.core.kv
-        value = kv.get(msg.key)
-        fields: dict[str, Any] = {"found": value is not None, "index": kv.applied,
+        core = self.role.core
+        found = core.kv.get(msg.key)
+        fields: dict[str, Any] = {"found": found is not None, "index": core.kv.applied,
                                   "node": self.config.node_id}
-        if value is not None:
+        if found is not None:
+            value, index = found
             fields["value"] = value
+            fields["key_epoch"] = core.log.epoch_at(index)
+            fields["key_index"] = index
         return Reply(msg.id, fields)
 
     def status(self) -> dict[str, Any]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from cluster.core.kv import KV
 from cluster.core.state import Ready, SnapshotMeta
-from cluster.types import Entry, Value
+from cluster.types import Entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +23,7 @@ class SnapshotJob:
     ``meta.index``."""
 
     meta: SnapshotMeta
-    data: dict[str, Value]
+    data: KV
     drop_through: int  # log entries up to here may go once the snapshot is on disk
 
 
@@ -34,16 +35,16 @@ class LogStore(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
     def append(self, entries: list[Entry]) -> None: ...
     def sync(self) -> None: ...
-    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> dict[str, Value]: ...
+    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> KV: ...
     def wipe(self, removed: tuple[Entry, ...]) -> None: ...
     def snapshot_due(self, applied: int, every: int) -> bool: ...
-    def begin_snapshot(self, meta: SnapshotMeta, data: dict[str, Value]) -> SnapshotJob: ...
+    def begin_snapshot(self, meta: SnapshotMeta, data: KV) -> SnapshotJob: ...
     def write_snapshot(self, job: SnapshotJob) -> None: ...
     def finish_snapshot(self, job: SnapshotJob) -> None: ...
     def abort_snapshot(self) -> None: ...
 
 
-def persist(store: LogStore, ready: Ready) -> dict[str, Value] | None:
+def persist(store: LogStore, ready: Ready) -> KV | None:
     """Carry out the storage part of ``ready`` in its order: the epoch, then a wipe or a cut
     (returning the snapshot's map, from which the core rebuilds its own), then new entries.
     Raises :class:`~cluster.errors.StorageFailure` when the entries could not be written;
@@ -66,7 +67,7 @@ class Advancing(Protocol):
     @property
     def durable(self) -> int: ...
 
-    def advance(self, ready: Ready, snapshot_data: dict[str, Any] | None = None) -> Ready: ...
+    def advance(self, ready: Ready, snapshot_data: KV | None = None) -> Ready: ...
 
 
 def carry_out(store: LogStore, core: Advancing, ready: Ready, *,

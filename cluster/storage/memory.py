@@ -3,10 +3,11 @@ was not synced: the disk of the deterministic replication simulation."""
 
 from __future__ import annotations
 
+from cluster.core.kv import KV
 from cluster.core.state import NO_SNAPSHOT, Recovered, SnapshotMeta
 from cluster.errors import StorageFailure
 from cluster.storage.base import SnapshotJob
-from cluster.types import Entry, Value
+from cluster.types import Entry
 
 
 class MemoryStore:
@@ -14,11 +15,11 @@ class MemoryStore:
         self.epoch = 0
         self.snapshot_index = 0
         self.snapshotting = False
-        self.snapshot: tuple[SnapshotMeta, dict[str, Value]] = (NO_SNAPSHOT, {})
+        self.snapshot: tuple[SnapshotMeta, KV] = (NO_SNAPSHOT, KV())
         self.synced: list[Entry] = []  # on "disk"
         self.written: list[Entry] = []  # handed to the "OS", lost by a crash
         self.rollback: list[tuple[Entry, ...]] = []
-        self.rollback_snapshots: list[tuple[SnapshotMeta, dict[str, Value]]] = []
+        self.rollback_snapshots: list[tuple[SnapshotMeta, KV]] = []
         self.fail_writes = False  # a full disk
 
     # --- recovery ------------------------------------------------------------------------------
@@ -28,7 +29,7 @@ class MemoryStore:
         self.written = []
         self.snapshotting = False
         meta, data = self.snapshot
-        return Recovered(self.epoch, meta, dict(data), list(self.synced))
+        return Recovered(self.epoch, meta, data.copy(), list(self.synced))
 
     @property
     def entries(self) -> list[Entry]:
@@ -48,12 +49,12 @@ class MemoryStore:
         self.synced.extend(self.written)
         self.written = []
 
-    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> dict[str, Value]:
+    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> KV:
         if removed:
             self.rollback.append(removed)
         self.sync()  # the file store fsyncs what it keeps
         self.synced = [e for e in self.synced if e.index <= index]
-        return dict(self.snapshot[1])
+        return self.snapshot[1].copy()
 
     def wipe(self, removed: tuple[Entry, ...]) -> None:
         if removed:
@@ -61,13 +62,13 @@ class MemoryStore:
         if self.snapshot_index:
             self.rollback_snapshots.append(self.snapshot)
         self.synced, self.written = [], []
-        self.snapshot = (NO_SNAPSHOT, {})
+        self.snapshot = (NO_SNAPSHOT, KV())
         self.snapshot_index = 0
 
     def snapshot_due(self, applied: int, every: int) -> bool:
         return not self.snapshotting and applied - self.snapshot_index >= every
 
-    def begin_snapshot(self, meta: SnapshotMeta, data: dict[str, Value]) -> SnapshotJob:
+    def begin_snapshot(self, meta: SnapshotMeta, data: KV) -> SnapshotJob:
         self.sync()  # rolling the segment syncs the old one
         self.snapshotting = True
         return SnapshotJob(meta, data, drop_through=self.snapshot_index)
@@ -84,8 +85,8 @@ class MemoryStore:
     def abort_snapshot(self) -> None:
         self.snapshotting = False
 
-    def install_snapshot(self, meta: SnapshotMeta, data: dict[str, Value]) -> Recovered:
-        self.snapshot = (meta, dict(data))
+    def install_snapshot(self, meta: SnapshotMeta, data: KV) -> Recovered:
+        self.snapshot = (meta, data.copy())
         self.snapshot_index = meta.index
         self.synced, self.written = [], []
-        return Recovered(self.epoch, meta, dict(data), [])
+        return Recovered(self.epoch, meta, data.copy(), [])

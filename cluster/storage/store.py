@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from cluster.core.kv import KV
 from cluster.core.state import NO_SNAPSHOT, Recovered, SnapshotMeta
 from cluster.errors import BadFrame, ConfigError, CorruptLog
 from cluster.storage import lock
@@ -29,7 +30,7 @@ from cluster.storage.records import Damage, encode_record, fsync_dir, iter_recor
 from cluster.storage.snapshot import read_index, read_snapshot, write_snapshot
 from cluster.storage.wal import MAGIC as WAL_MAGIC
 from cluster.storage.wal import WAL, encode_entries
-from cluster.types import Entry, Value
+from cluster.types import Entry
 from cluster.wire import codec
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Store:
                 raise ConfigError(f"data directory {directory} belongs to node "
                                   f"{meta.get('node')!r}, not {node!r}")
             epoch = meta["epoch"]
-        snap, data = NO_SNAPSHOT, dict[str, Value]()
+        snap, data = NO_SNAPSHOT, KV()
         if (directory / "snapshot").exists():
             snap, data = read_snapshot(directory / "snapshot")
         wal, entries = WAL.open(directory / "wal", after=snap.index)
@@ -106,7 +107,7 @@ class Store:
     def sync(self) -> None:
         self.wal.sync()
 
-    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> dict[str, Value]:
+    def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> KV:
         """Cut the log after ``index`` (it diverged from the master's), keeping ``removed``
         in a rollback file; everything left is durable. Returns the snapshot's map, from
         which the caller rebuilds its own."""
@@ -115,7 +116,7 @@ class Store:
         self.wal.truncate_after(index)
         if self.snapshot_path.exists():
             return read_snapshot(self.snapshot_path)[1]
-        return {}
+        return KV()
 
     def wipe(self, removed: tuple[Entry, ...]) -> None:
         """Forget everything (the snapshot itself diverged); the master will resend it all.
@@ -150,7 +151,7 @@ class Store:
     def snapshot_due(self, applied: int, every: int) -> bool:
         return not self.snapshotting and applied - self.snapshot_index >= every
 
-    def begin_snapshot(self, meta: SnapshotMeta, data: dict[str, Value]) -> SnapshotJob:
+    def begin_snapshot(self, meta: SnapshotMeta, data: KV) -> SnapshotJob:
         """Start a new log segment after ``meta.index`` (the end of the log); write the job
         in a thread, then call :meth:`finish_snapshot`. ``data`` must be a copy."""
         self.wal.roll(meta.index + 1)

@@ -455,7 +455,7 @@ async def test_rollback_keeps_the_lost_entries_that_were_only_in_the_slaves_snap
     only_in_snapshot = [e for e in cut if e not in kept]
     assert only_in_snapshot and meta.index >= only_in_snapshot[-1].index > base
     assert snap.name == f"snapshot-{meta.index}-e{new_epoch}"  # named like the .wal files
-    assert data["base0"] == "overwritten" and "base1" not in data  # the lost ops' effect
+    assert data.data["base0"] == "overwritten" and "base1" not in data.data  # the lost ops
     assert all(snap_ == [] for snap_ in (rollback_files(cl, n, "snapshot-*")
                                          for n in ("n1", "n3", "n4")))
 

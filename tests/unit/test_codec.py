@@ -172,6 +172,11 @@ def test_frames_round_trip_through_the_decoder_split_anywhere(
         SnapshotChunk(3, 43, 0, b"abc", False),
         Ack(3, 43),
         Reply(11, {"index": 5, "items": [["a", b"b"]], "more": False}),
+        # get and scan replies with key tokens (docs/PROTOCOL.md)
+        Reply(11, {"found": True, "index": 42, "node": "n2", "value": b"\x00",
+                   "key_epoch": 3, "key_index": 40}),
+        Reply(11, {"index": 9, "items": [["a", b"b"], ["c", "d"]], "more": True,
+                   "node": "n3", "key_tokens": [[1, 2], [3, 2**40]]}),
         Reply(12, {}),
         ErrorReply(13, "not_master", "go away", "n1"),
         ErrorReply(14, "bad_request", "nope"),

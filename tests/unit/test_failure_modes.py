@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cluster.config import FsyncPolicy
+from cluster.core.kv import KV
 from cluster.core.state import Replica
 from cluster.errors import StorageFailure
 from cluster.node.durability import Durability
@@ -35,7 +36,7 @@ def _store_with(tmp_path: Path, last: int) -> Store:
 
 def _begin(store: Store, last: int) -> None:
     store.begin_snapshot(SnapshotMeta(last, 1, ((1, 1),)),
-                         {f"k{i}": f"value-{i}" for i in range(1, last + 1)})
+                         KV({f"k{i}": f"value-{i}" for i in range(1, last + 1)}, last))
 
 
 # --- a failed segment roll (full disk) leaves the log writing to a closed fd ----------------
@@ -162,7 +163,7 @@ def test_crash_between_snapshot_rename_and_wal_reset_recovers_consistently(
     store = _store_with(tmp_path, 5)
     raw = tmp_path / "n" / "snapshot.recv"
     write_snapshot(raw, SnapshotMeta(10, 1, ((1, 1),)),
-                   {f"k{i}": f"value-{i}" for i in range(1, 11)})
+                   KV({f"k{i}": f"value-{i}" for i in range(1, 11)}, 10))
 
     class Crash(BaseException):
         pass

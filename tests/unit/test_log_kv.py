@@ -156,7 +156,23 @@ def test_apply_set_overwrite_delete() -> None:
     kv.apply(delete(5, "missing"))
     assert kv.data == {"a": "3"}
     assert kv.applied == 5
-    assert kv.get("a") == "3" and kv.get("b") is None
+    assert kv.get("a") == ("3", 3) and kv.get("b") is None
+
+
+def test_each_key_knows_the_entry_that_last_set_it() -> None:
+    kv = KV()
+    kv.apply(put(1, "a", "1"))
+    kv.apply(put(2, "b", "2"))
+    assert kv.indexes == {"a": 1, "b": 2}
+    kv.apply(put(3, "a", "again"))  # an overwrite moves the key's index
+    assert kv.get("a") == ("again", 3) and kv.get("b") == ("2", 2)
+    kv.apply(delete(4, "a"))  # a delete forgets it
+    assert kv.get("a") is None and kv.indexes == {"b": 2}
+    kv.apply(put(5, "a", "back"))  # set again after a delete: the new entry
+    kv.apply(Entry(6, 2, 0, Op.NOOP, "", None))  # a new master's noop changes no key
+    kv.apply(delete(7, "never"))
+    assert kv.indexes == {"a": 5, "b": 2} and kv.applied == 7
+    assert sorted(kv.items()) == [("a", "back", 5), ("b", "2", 2)]
 
 
 def test_apply_out_of_order_is_refused() -> None:
@@ -166,36 +182,61 @@ def test_apply_out_of_order_is_refused() -> None:
     kv.apply(put(1, "a", "1"))
     with pytest.raises(ValueError):
         kv.apply(put(1, "a", "2"))
-    assert kv.data == {"a": "1"} and kv.applied == 1
+    assert kv.data == {"a": "1"} and kv.applied == 1 and kv.indexes == {"a": 1}
 
 
 def test_kv_from_a_snapshot_continues_after_it() -> None:
-    kv = KV({"x": b"1"}, applied=10)
+    kv = KV({"x": b"1", "z": "0"}, applied=10, indexes={"x": 4, "z": 9})
     with pytest.raises(ValueError):
         kv.apply(put(1, "a", "1"))
     kv.apply(put(11, "y", "2"))
-    assert kv.data == {"x": b"1", "y": "2"}
+    assert kv.data == {"x": b"1", "z": "0", "y": "2"}
+    assert kv.indexes == {"x": 4, "z": 9, "y": 11}
+
+
+def test_keys_given_without_indexes_are_taken_as_set_at_the_map_index() -> None:
+    """What a map read from a version-1 snapshot knows: no key was set after it."""
+    kv = KV({"x": b"1", "y": "2"}, applied=10)
+    assert kv.get("x") == (b"1", 10) and kv.indexes == {"x": 10, "y": 10}
+    with pytest.raises(ValueError, match="2 keys but 1 key indexes"):
+        KV({"x": b"1", "y": "2"}, 10, {"x": 3})
+
+
+def test_copy_is_independent_and_equal() -> None:
+    kv = KV()
+    kv.apply(put(1, "a", "1"))
+    copy = kv.copy()
+    assert copy == kv and copy is not kv
+    kv.apply(put(2, "a", "2"))
+    assert copy.get("a") == ("1", 1) and copy.applied == 1 and copy != kv
+    assert KV({"a": "1"}, 1, {"a": 1}) != KV({"a": "1"}, 1, {"a": 0})  # indexes count
+    assert len(kv) == 1
 
 
 def test_scan_sorted_and_paged() -> None:
     kv = KV({k: k.upper() for k in ["d", "b", "a", "e", "c"]}, applied=5)
-    assert kv.scan(None, 10) == ([(k, k.upper()) for k in "abcde"], False)
-    assert kv.scan(None, 2) == ([("a", "A"), ("b", "B")], True)
-    assert kv.scan("b", 2) == ([("c", "C"), ("d", "D")], True)
-    assert kv.scan("c", 2) == ([("d", "D"), ("e", "E")], False)
+    kv.indexes.update(a=1, b=2)
+
+    def items(keys: str) -> list[tuple[str, str, int]]:
+        return [(k, k.upper(), kv.indexes[k]) for k in keys]
+
+    assert kv.scan(None, 10) == (items("abcde"), False)
+    assert kv.scan(None, 2) == ([("a", "A", 1), ("b", "B", 2)], True)
+    assert kv.scan("b", 2) == (items("cd"), True)
+    assert kv.scan("c", 2) == (items("de"), False)
     assert kv.scan("e", 2) == ([], False)
-    assert kv.scan("bb", 1) == ([("c", "C")], True)
-    assert kv.scan(None, 5) == ([(k, k.upper()) for k in "abcde"], False)
+    assert kv.scan("bb", 1) == (items("c"), True)
+    assert kv.scan(None, 5) == (items("abcde"), False)
 
 
 def test_scan_stops_early_at_max_bytes_but_returns_at_least_one_item() -> None:
     kv = KV({"a": b"x" * 100, "b": b"y" * 100, "c": b"z" * 100}, applied=3)
-    items, more = kv.scan(None, 10, max_bytes=250)
-    assert [k for k, _ in items] == ["a", "b"] and more
+    items, more = kv.scan(None, 10, max_bytes=300)  # 136 estimated bytes per item
+    assert [k for k, _, _ in items] == ["a", "b"] and more
     items, more = kv.scan(None, 10, max_bytes=1)
-    assert [k for k, _ in items] == ["a"] and more
+    assert [k for k, _, _ in items] == ["a"] and more
     items, more = kv.scan("a", 10, max_bytes=10_000)
-    assert [k for k, _ in items] == ["b", "c"] and not more
+    assert [k for k, _, _ in items] == ["b", "c"] and not more
 
 
 def test_scan_empty() -> None:
@@ -212,7 +253,7 @@ def test_scan_pages_cover_every_key_once_in_order(data: dict[str, bytes], limit:
     for _ in range(len(data) + 2):
         page, more = kv.scan(after, limit)
         assert len(page) <= limit
-        seen.extend(page)
+        seen.extend((k, v) for k, v, _ in page)
         if not more:
             break
         assert len(page) == limit
@@ -237,23 +278,29 @@ def test_log_and_kv_agree_with_a_dict_model(script: list[tuple[str, str | None]]
         e = put(i, key, value) if value is not None else delete(i, key)
         lg.append(e)
         kv.apply(e)
-    model: dict[str, str] = {}
-    for key, value in script:
-        if value is None:
-            model.pop(key, None)
-        else:
-            model[key] = value
-    assert kv.data == model
+    model, where = _model(script)
+    assert kv.data == model and kv.indexes == where
+    assert {k: kv.get(k) for k in "abcd"} == {k: (model[k], where[k]) if k in model else None
+                                              for k in "abcd"}
     # truncating and replaying gives the map of the prefix
     cut = data.draw(st.integers(0, len(script)))
     lg.truncate_after(cut)
     replay = KV()
     for e in lg.slice(1, len(script)):
         replay.apply(e)
-    prefix: dict[str, str] = {}
-    for key, value in script[:cut]:
+    prefix, prefix_where = _model(script[:cut])
+    assert replay.data == prefix and replay.applied == cut and replay.indexes == prefix_where
+
+
+def _model(script: list[tuple[str, str | None]]) -> tuple[dict[str, str], dict[str, int]]:
+    """Each key's value and the (1-based) position of the write that set it."""
+    model: dict[str, str] = {}
+    where: dict[str, int] = {}
+    for i, (key, value) in enumerate(script, start=1):
         if value is None:
-            prefix.pop(key, None)
+            model.pop(key, None)
+            where.pop(key, None)
         else:
-            prefix[key] = value
-    assert replay.data == prefix and replay.applied == cut
+            model[key] = value
+            where[key] = i
+    return model, where

@@ -15,7 +15,8 @@ The worked examples in the document are hex dumps between markers::
 
 Each dump must be exactly what the codec produces for the message registered under NAME
 below, and must decode back to that message. Each breakdown must list the same bytes in
-the same order. The error code table and the limits table are checked against
+the same order. The reply field tables of ``get`` and ``scan`` are checked against what
+a node sends. The error code table and the limits table are checked against
 :mod:`cluster.errors` and :class:`cluster.config.Limits`; the table of decoder edge cases
 is fed to the decoder the servers use; the nesting limit, the fields of a slave's
 ``repl_delay_ms`` and the half-close rule are checked against the code.
@@ -23,19 +24,34 @@ is fed to the decoder the servers use; the nesting limit, the fields of a slave'
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cluster import errors
-from cluster.config import Limits
+from cluster.client.connection import Connection
+from cluster.config import Address, Limits, NodeConfig
 from cluster.errors import ProtocolError
+from cluster.local import free_ports
+from cluster.node.runtime import Node
 from cluster.node.stats import DelayStats, bucket
-from cluster.types import Acks, Entry, Op
+from cluster.types import Acks, Entry, NodeId, Op
 from cluster.wire import codec
 from cluster.wire.framing import HEADER, FrameDecoder
-from cluster.wire.messages import Append, ErrorReply, Get, Message, Ping, Reply, Set, Sync
+from cluster.wire.messages import (
+    Append,
+    ErrorReply,
+    Get,
+    Message,
+    Ping,
+    Reply,
+    Scan,
+    Set,
+    Sync,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -45,7 +61,8 @@ EXAMPLES: dict[str, Message] = {
     "set-reply": Reply(1, {"index": 42}),
     "set-bin-request": Set(2, "img", b"\x00\xff", Acks.MAJORITY),
     "get-request": Get(3, "k", 42),
-    "get-reply": Reply(3, {"found": True, "index": 42, "node": "n2", "value": "v"}),
+    "get-reply": Reply(3, {"found": True, "index": 42, "node": "n2", "value": "v",
+                           "key_epoch": 1, "key_index": 40}),
     "error-reply": ErrorReply(1, "not_master", "this node is a slave; writes go to n1", "n1"),
     "append": Append(
         1, 4, 1,
@@ -215,6 +232,49 @@ def test_nesting_limit_is_the_codec_s(doc: str) -> None:
     assert _answer(b"\x83" + ping[1:] + b"\xa1x" + inner, codec.NODE_REQUESTS) == "accepted"
     assert _answer(b"\x83" + ping[1:] + b"\xa1x\x91" + inner,
                    codec.NODE_REQUESTS) == "`bad_frame`, id 0"
+
+
+# --- get and scan replies ---------------------------------------------------------------------
+
+
+async def test_get_and_scan_reply_fields_are_what_a_node_sends(doc: str,
+                                                                tmp_path: Path) -> None:
+    """A one-node cluster in this process answers; each reply has exactly the fields the
+    tables list (for ``get``: the "always" ones when the key is missing)."""
+    get_rows = {r[0].strip("`"): r[2] for r in _table(doc, "get-reply-fields")}
+    scan_rows = {r[0].strip("`") for r in _table(doc, "scan-reply-fields")}
+    me = NodeId("n1")
+    (port,) = free_ports(1)
+    node = Node(NodeConfig(me, Address("127.0.0.1", port), tmp_path / "n1",
+                           {me: Address("127.0.0.1", port)}, bootstrap_master=me))
+    up = asyncio.Event()
+    task = asyncio.create_task(node.run(lambda _: up.set()))
+    try:
+        async with asyncio.timeout(20):
+            await up.wait()
+            assert node.address is not None
+            conn = await Connection.open(node.address, Limits(), timeout=5)
+            try:
+                async def call(request: Any) -> dict[str, Any]:
+                    reply = await conn.call(request)
+                    assert isinstance(reply, Reply), reply
+                    return reply.fields
+
+                for i, value in enumerate(["first", "second"], start=1):
+                    assert (await call(Set(conn.next_id(), "k", value)))["index"] == i
+                found = await call(Get(conn.next_id(), "k"))
+                missing = await call(Get(conn.next_id(), "nope"))
+                page = await call(Scan(conn.next_id()))
+            finally:
+                await conn.close()
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, 10)
+    assert set(found) == set(get_rows)
+    assert set(missing) == {f for f, always in get_rows.items() if always == "yes"}
+    assert (found["value"], found["key_epoch"], found["key_index"]) == ("second", 1, 2)
+    assert set(page) == scan_rows
+    assert (page["items"], page["key_tokens"]) == ([["k", "second"]], [[1, 2]])
 
 
 # --- status --------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class SyncReply:
 class SnapshotMsg:
     epoch: int
     meta: SnapshotMeta
-    data: dict[str, Value]
+    data: KV
 
 
 @dataclass
@@ -278,7 +278,7 @@ class Sim:
     def _send_snapshot(self, node: NodeId) -> None:
         meta, data = self.stores[MASTER].snapshot
         assert meta.index > 0, "the master needs a snapshot it never wrote"
-        self.links[node].to_slave.append(SnapshotMsg(self.master.epoch, meta, dict(data)))
+        self.links[node].to_slave.append(SnapshotMsg(self.master.epoch, meta, data.copy()))
         self.master.snapshot_sent(node, meta.index)
         self.note(f"snapshot {node} at {meta.index}")
 
@@ -357,11 +357,11 @@ class Sim:
         lg = self.master.log
         return [self.created[(i, lg.epoch_at(i))] for i in range(1, upto + 1)]
 
-    def replay(self, lg: Log) -> dict[str, Value]:
+    def replay(self, lg: Log) -> KV:
         kv = KV()
         for i in range(1, lg.last_index + 1):
             kv.apply(self.created[(i, lg.epoch_at(i))])
-        return kv.data
+        return kv
 
     def check(self) -> None:
         m = self.master
@@ -371,7 +371,8 @@ class Sim:
             assert kv.applied == lg.last_index
             for e in log_entries(lg):
                 assert self.created[(e.index, e.epoch)] == e
-            assert kv.data == self.replay(lg)
+            replayed = self.replay(lg)  # values and the index that set each key
+            assert (kv.data, kv.indexes) == (replayed.data, replayed.indexes)
         # a slave in sync with this master holds a prefix of its log
         for n, s in self.slaves.items():
             if not self.links[n].linked or s.state is not LinkState.STREAMING:
@@ -502,6 +503,7 @@ def run_steps(codes: list[int], *, fsync_always: bool, seed: int = 0) -> Sim:
     for n, s in sim.slaves.items():
         assert s.log.last_index == m.log.last_index, n
         assert s.kv.data == m.kv.data, n
+        assert s.kv.indexes == m.kv.indexes, n
         assert s.kv.applied == m.kv.applied, n
         for i in range(1, m.log.last_index + 1):
             assert s.log.epoch_at(i) == m.log.epoch_at(i), (n, i)
@@ -577,7 +579,7 @@ def test_a_cut_slave_keeps_what_it_lost_in_its_rollback_file() -> None:
     sim.check()
     sim.heal()
     assert [[e.index for e in cut] for cut in sim.stores[s1].rollback] == [[3, 4]]
-    assert sim.slaves[s1].kv.data == sim.master.kv.data
+    assert sim.slaves[s1].kv == sim.master.kv
     assert sim.slaves[s1].log.last_index == sim.master.log.last_index == 2
 
 
@@ -585,7 +587,7 @@ def test_a_cut_slave_keeps_what_it_lost_in_its_rollback_file() -> None:
 
 
 def empty() -> Replica:
-    return Replica.recovered(Recovered(0, NO_SNAPSHOT, {}, []))
+    return Replica.recovered(Recovered(0, NO_SNAPSHOT, KV(), []))
 
 
 def make_master(*, entries: int = 0, durable: bool = True, window: int = 100, batch: int = 100,
@@ -623,7 +625,7 @@ def sync(m: MasterCore, s: SlaveCore, now: int = 0) -> SyncPlan:
         s.disconnected()
     plan = m.on_sync(wire(s.connect(1)), now)
     ready = s.on_sync_reply(m.epoch, plan.match, plan.snapshot)
-    s.advance(ready, {} if ready.truncate else None)
+    s.advance(ready, KV() if ready.truncate else None)
     return plan
 
 
@@ -770,9 +772,9 @@ def test_needs_snapshot_when_the_next_entry_was_compacted() -> None:
     s.on_sync_reply(1, 0, snapshot=True)
     s.on_chunk(1, done=True)
     meta, data = m.snapshot_point()
-    out = s.snapshot_installed(8, Recovered(1, SnapshotMeta(8, 1, ((1, 1),)),
-                                            {k: v for k, v in data.items()
-                                             if int(k[1:]) <= 8}, []))
+    out = s.snapshot_installed(8, Recovered(1, SnapshotMeta(8, 1, ((1, 1),)), KV(
+        {k: v for k, v, i in data.items() if i <= 8}, 8,
+        {k: i for k, _, i in data.items() if i <= 8}), []))
     assert out.messages == [Ack(1, 8)]
     m.on_ack(SLAVES[0], s.epoch, s.ack().index, 1)
     a = m.next_append(SLAVES[0], 1)
@@ -808,7 +810,7 @@ def test_sync_of_a_slave_that_is_level_or_ahead_cuts_its_extra_entries() -> None
     s.persisted(4)
     assert sync(m, s) == SyncPlan(4, False)
     # the master lost entries 3..4 (fsync=no and a crash) and restarted in epoch 2
-    replica = Replica.recovered(Recovered(1, NO_SNAPSHOT, {},
+    replica = Replica.recovered(Recovered(1, NO_SNAPSHOT, KV(),
                                           [m.log.get(1), m.log.get(2)]))
     replica.epoch = 2
     m2 = MasterCore(MASTER, list(SLAVES), replica, majority=MAJORITY,
@@ -821,7 +823,7 @@ def test_sync_of_a_slave_that_is_level_or_ahead_cuts_its_extra_entries() -> None
     assert ready.epoch == 2 and ready.truncate is not None
     assert [e.index for e in ready.truncate.removed] == [3, 4]
     assert not ready.messages  # no ack before the cut is on disk
-    follow = s.advance(ready, {})
+    follow = s.advance(ready, KV())
     assert follow.messages == [Ack(2, 2)]
     assert (s.log.last_index, s.kv.applied, s.durable) == (2, 2, 2)
     assert s.kv.data == {"k1": "v", "k2": "v"}
@@ -852,7 +854,7 @@ def test_link_state_machine_refuses_what_is_out_of_turn() -> None:
     with pytest.raises(RemoteProtocolError):  # an append before any handshake
         s.on_append(Append(1, 0, 0, (), 0))
     with pytest.raises(LocalProtocolError):  # installing a snapshot nobody sent
-        s.snapshot_installed(0, Recovered(1, NO_SNAPSHOT, {}, []))
+        s.snapshot_installed(0, Recovered(1, NO_SNAPSHOT, KV(), []))
     s.connect(1)
     with pytest.raises(LocalProtocolError):  # a second handshake on the same link
         s.connect(2)

@@ -425,27 +425,59 @@ def test_wal_stale_tmp_files_are_removed(tmp_path: Path) -> None:
 # --- snapshots -----------------------------------------------------------------------------------
 
 META = SnapshotMeta(index=42, epoch=3, epochs=((1, 1), (3, 30)))
-DATA: dict[str, Value] = {"a": b"\x00\x01", "b": "text", "ключ": "значение", "": b""}
+VALUES: dict[str, Value] = {"a": b"\x00\x01", "b": "text", "ключ": "значение", "": b""}
+# the map at index 42: each key with the index of the entry that last set it
+DATA = KV(VALUES, 42, {"a": 7, "b": 42, "ключ": 30, "": 1})
+
+
+def write_v1_snapshot(path: Path, meta: SnapshotMeta, values: dict[str, Value]) -> None:
+    """A snapshot file as replkv 0.2 wrote it (magic RKVSNAP1, items without indexes)."""
+    from cluster.storage.snapshot import MAGIC_V1
+    from cluster.wire import codec
+
+    header = {"index": meta.index, "epoch": meta.epoch,
+              "epochs": [list(p) for p in meta.epochs], "count": len(values)}
+    items = [x for kv in values.items() for x in kv]
+    write_atomic(path, [MAGIC_V1, encode_record(codec.pack_obj(header)),
+                        *([encode_record(codec.pack_obj(items))] if items else []),
+                        encode_record(codec.pack_obj({"end": len(values)}))])
 
 
 def test_snapshot_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
     write_snapshot(path, META, DATA)
+    assert path.read_bytes().startswith(b"RKVSNAP2")
     meta, data = read_snapshot(path)
     assert meta == META
-    assert data == DATA
-    assert type(data["a"]) is bytes and type(data["b"]) is str
+    assert data == DATA  # values, applied and each key's index
+    assert data.indexes == {"a": 7, "b": 42, "ключ": 30, "": 1}
+    assert type(data.data["a"]) is bytes and type(data.data["b"]) is str
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot"]
+
+
+def test_a_version_1_snapshot_is_read_with_its_own_index_for_every_key(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot"
+    write_v1_snapshot(path, META, VALUES)
+    meta, data = read_snapshot(path)
+    assert meta == META
+    assert data.data == VALUES and data.applied == 42
+    assert data.indexes == dict.fromkeys(VALUES, 42)  # the newest each can have been set at
+    with path.open("rb") as f:  # the master reads the index of the file it streams
+        from cluster.storage.snapshot import read_index
+        assert read_index(f) == 42
 
 
 def test_snapshot_of_an_empty_map(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
-    write_snapshot(path, SnapshotMeta(0, 0, ()), {})
-    assert read_snapshot(path) == (SnapshotMeta(0, 0, ()), {})
+    write_snapshot(path, SnapshotMeta(0, 0, ()), KV())
+    assert read_snapshot(path) == (SnapshotMeta(0, 0, ()), KV())
+    write_v1_snapshot(path, SnapshotMeta(0, 0, ()), {})
+    assert read_snapshot(path) == (SnapshotMeta(0, 0, ()), KV())
 
 
 def test_snapshot_with_many_records(tmp_path: Path) -> None:
-    data: dict[str, Value] = {f"key-{i:05d}": str(i) for i in range(10_000)}
+    data = KV({f"key-{i:05d}": str(i) for i in range(10_000)}, 42,
+              {f"key-{i:05d}": i % 42 + 1 for i in range(10_000)})
     path = tmp_path / "snapshot"
     write_snapshot(path, META, data)
     assert read_snapshot(path) == (META, data)
@@ -455,14 +487,24 @@ def test_snapshot_overwrite_is_atomic_and_leaves_no_tmp(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
     write_snapshot(path, META, DATA)
     newer = SnapshotMeta(50, 4, ((1, 1), (3, 30), (4, 45)))
-    write_snapshot(path, newer, {"x": "y"})
-    assert read_snapshot(path) == (newer, {"x": "y"})
+    write_snapshot(path, newer, KV({"x": "y"}, 50, {"x": 45}))
+    assert read_snapshot(path) == (newer, KV({"x": "y"}, 50, {"x": 45}))
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_snapshot_flipped_byte_anywhere_is_corruption(tmp_path: Path) -> None:
+@pytest.fixture(params=["v2", "v1"])
+def snapshot_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A snapshot of META/DATA as this version writes it, and as 0.2 did."""
     path = tmp_path / "snapshot"
-    write_snapshot(path, META, DATA)
+    if request.param == "v2":
+        write_snapshot(path, META, DATA)
+    else:
+        write_v1_snapshot(path, META, VALUES)
+    return path
+
+
+def test_snapshot_flipped_byte_anywhere_is_corruption(snapshot_file: Path) -> None:
+    path = snapshot_file
     raw = path.read_bytes()
     for pos in range(len(raw)):
         for mask in (0x01, 0x80):
@@ -479,9 +521,8 @@ def test_snapshot_flipped_byte_anywhere_is_corruption(tmp_path: Path) -> None:
         read_snapshot(path)
 
 
-def test_snapshot_cut_short_anywhere_is_corruption(tmp_path: Path) -> None:
-    path = tmp_path / "snapshot"
-    write_snapshot(path, META, DATA)
+def test_snapshot_cut_short_anywhere_is_corruption(snapshot_file: Path) -> None:
+    path = snapshot_file
     raw = path.read_bytes()
     for cut in range(len(raw)):
         with pytest.raises(CorruptLog):
@@ -491,36 +532,49 @@ def test_snapshot_cut_short_anywhere_is_corruption(tmp_path: Path) -> None:
         read_snapshot(path)
 
 
-def test_snapshot_with_trailing_bytes_is_corruption() -> None:
+def test_snapshot_with_trailing_bytes_is_corruption(snapshot_file: Path) -> None:
     from cluster.storage.snapshot import MAGIC as SNAP_MAGIC
+    from cluster.storage.snapshot import MAGIC_V1
 
-    assert SNAP_MAGIC == b"RKVSNAP1"
-    raw = b"".join(_snapshot_chunks())
+    assert (SNAP_MAGIC, MAGIC_V1) == (b"RKVSNAP2", b"RKVSNAP1")
+    raw = snapshot_file.read_bytes()
     with pytest.raises(CorruptLog):
         parse_snapshot(raw + encode_record(b"\x90"), "snap")
     with pytest.raises(CorruptLog):
         parse_snapshot(raw + b"\x01", "snap")
 
 
-def _snapshot_chunks() -> list[bytes]:
-    from cluster.storage.snapshot import _chunks
-
-    return list(_chunks(META, DATA))
-
-
 def test_snapshot_with_the_wrong_count_is_corruption() -> None:
     from cluster.storage.snapshot import MAGIC as SNAP_MAGIC
+    from cluster.storage.snapshot import MAGIC_V1
     from cluster.wire import codec
 
-    header = encode_record(codec.pack_obj({"index": 1, "epoch": 1, "epochs": [[1, 1]],
-                                           "count": 2}))
-    items = encode_record(codec.pack_obj(["a", "1"]))
-    end = encode_record(codec.pack_obj({"end": 2}))
+    def parse(magic: bytes, *items: list[Any]) -> tuple[SnapshotMeta, KV]:
+        header = encode_record(codec.pack_obj({"index": 5, "epoch": 1, "epochs": [[1, 1]],
+                                               "count": 2}))
+        end = encode_record(codec.pack_obj({"end": 2}))
+        return parse_snapshot(magic + header + b"".join(encode_record(codec.pack_obj(i))
+                                                        for i in items) + end, "snap")
+
     with pytest.raises(CorruptLog, match="expected 2 items"):
-        parse_snapshot(SNAP_MAGIC + header + items + end, "snap")
-    bad_item = encode_record(codec.pack_obj(["a", 1, "b", "2"]))
+        parse(SNAP_MAGIC, ["a", "1", 3])
+    with pytest.raises(CorruptLog, match="expected 2 items"):
+        parse(SNAP_MAGIC, ["a", "1", 3, "a", "2", 4])  # one key twice
+    assert parse(SNAP_MAGIC, ["a", "1", 3, "b", "2", 5])[1] == KV({"a": "1", "b": "2"}, 5,
+                                                                  {"a": 3, "b": 5})
+    for bad in (["a", 1, 3, "b", "2", 4],  # a value that is neither str nor bin
+                ["a", "1", "3", "b", "2", 4],  # an index that is not an int
+                ["a", "1", True, "b", "2", 4],
+                ["a", "1", 0, "b", "2", 4],  # no entry 0
+                ["a", "1", 6, "b", "2", 4],  # set after the snapshot's own index
+                ["a", "1", "b", "2"]):  # version-1 items in a version-2 file
+        with pytest.raises(CorruptLog, match=r"wrong type|zip\(\)"):
+            parse(SNAP_MAGIC, bad)
+    with pytest.raises(CorruptLog, match="expected 2 items"):
+        parse(MAGIC_V1, ["a", "1"])
     with pytest.raises(CorruptLog, match="wrong type"):
-        parse_snapshot(SNAP_MAGIC + header + bad_item + end, "snap")
+        parse(MAGIC_V1, ["a", 1, "b", "2"])
+    assert parse(MAGIC_V1, ["a", "1", "b", "2"])[1] == KV({"a": "1", "b": "2"}, 5)
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -580,9 +634,11 @@ def write(store: Opened, entries: list[Entry]) -> None:
         store.kv.apply(e)
 
 
-def state(store: Opened) -> tuple[list[Entry], dict[str, Value], int]:
+def state(store: Opened) -> tuple[list[Entry], dict[str, Value], dict[str, int], int]:
+    """The log, and the map with the index that set each key."""
     lg = store.log
-    return lg.slice(lg.base + 1, lg.last_index), dict(store.kv.data), store.kv.applied
+    kv = store.kv
+    return lg.slice(lg.base + 1, lg.last_index), dict(kv.data), dict(kv.indexes), kv.applied
 
 
 def reopen(store: Opened) -> Opened:
@@ -605,7 +661,7 @@ def test_store_recovers_log_and_kv(tmp_path: Path) -> None:
     before = state(store)
     store = reopen(store)
     assert state(store) == before
-    assert store.kv.data == {"a": "3"}
+    assert store.kv.data == {"a": "3"} and store.kv.indexes == {"a": 3}
     assert store.log.history.pairs() == ((1, 1), (2, 3))
     assert store.epoch == 2  # at least the newest epoch in the log
     write(store, [put(5, "c", "5", epoch=2)])
@@ -680,6 +736,7 @@ def test_store_snapshot_cycle(tmp_path: Path) -> None:
     assert state(store) == before
     assert store.snapshot_index == 5
     assert store.kv.data["k1"] == "changed" and "k2" not in store.kv.data
+    assert store.kv.indexes == {"k1": 6, "k3": 3, "k4": 4, "k5": 5}
     assert store.kv.applied == 7
     store.close()
 
@@ -752,6 +809,7 @@ def test_store_truncate_after_keeps_a_rollback_file_and_rebuilds_the_map(tmp_pat
     removed = store.cut(2)
     assert [e.index for e in removed] == [3, 4, 5]
     assert store.kv.data == {"kept": "1", "over": "old"}
+    assert store.kv.indexes == {"kept": 1, "over": 2}
     assert store.kv.applied == 2 and store.log.last_index == 2
     (rb,) = (tmp_path / "rollback").iterdir()
     assert rb.name.startswith("rollback-3-5")
@@ -779,9 +837,9 @@ def test_store_truncate_after_a_snapshot(tmp_path: Path) -> None:
     snapshot(store)
     write(store, [put(3, "a", "3"), put(4, "c", "4")])
     store.cut(3)
-    assert store.kv.data == {"a": "3", "b": "2"}
-    store.cut(2)
-    assert store.kv.data == {"a": "1", "b": "2"}
+    assert store.kv.data == {"a": "3", "b": "2"} and store.kv.indexes == {"a": 3, "b": 2}
+    store.cut(2)  # the map is rebuilt from the snapshot, with its indexes
+    assert store.kv.data == {"a": "1", "b": "2"} and store.kv.indexes == {"a": 1, "b": 2}
     assert store.snapshot_index == 2
     store = reopen(store)
     assert store.kv.data == {"a": "1", "b": "2"} and store.log.last_index == 2
@@ -807,7 +865,7 @@ def test_store_truncate_below_the_snapshot_wipes(tmp_path: Path,
     assert "discarding" in caplog.text
     # the snapshot is kept beside the cut entries: what was compacted is not lost silently
     kept = tmp_path / "rollback" / "snapshot-4-e0"
-    assert read_snapshot(kept)[1] == {f"k{i}": f"value-{i}" for i in range(1, 5)}
+    assert read_snapshot(kept)[1].data == {f"k{i}": f"value-{i}" for i in range(1, 5)}
     store = reopen(store)
     assert (store.log.last_index, store.kv.data, store.snapshot_index) == (0, {}, 0)
     write(store, puts(1, 1, epoch=3))
@@ -826,10 +884,11 @@ def test_store_install_snapshot(tmp_path: Path) -> None:
     assert not received.exists()
     assert (store.log.base, store.log.last_index, store.log.last_epoch) == (42, 42, 3)
     assert store.log.history.pairs() == META.epochs
-    assert store.kv.data == DATA and store.kv.applied == 42 and store.snapshot_index == 42
+    assert store.kv == DATA and store.snapshot_index == 42
     write(store, [put(43, "after", "snap", epoch=3)])
     store = reopen(store)
-    assert store.kv.data == {**DATA, "after": "snap"}
+    assert store.kv.data == {**VALUES, "after": "snap"}
+    assert store.kv.indexes == {**DATA.indexes, "after": 43}
     assert (store.log.base, store.log.last_index, store.snapshot_index) == (42, 43, 42)
     assert store.log.epoch_at(42) == 3 and store.log.epoch_at(29) == 1
     store.close()
@@ -860,3 +919,44 @@ def test_store_damaged_snapshot_stops_the_open(tmp_path: Path) -> None:
     (tmp_path / "snapshot").write_bytes(bytes(raw))
     with pytest.raises(CorruptLog, match="snapshot"):
         Store.open(tmp_path, "n1")
+
+
+def test_store_installs_a_version_1_snapshot_from_an_older_master(tmp_path: Path) -> None:
+    """The master streams its snapshot file byte for byte: a master not yet upgraded sends
+    version 1, which an upgraded slave installs (each key at the snapshot's index)."""
+    store = Opened.open(tmp_path / "n2", "n2")
+    received = tmp_path / "n2" / "snapshot.recv"
+    write_v1_snapshot(received, META, VALUES)
+    assert store.install(received) == META
+    assert store.kv == KV(VALUES, 42) and store.kv.get("a") == (b"\x00\x01", 42)
+    assert store.log.epoch_at(42) == 3  # so each key's token is 3:42
+    write(store, [put(43, "a", "newer", epoch=3)])
+    store = reopen(store)
+    assert store.kv.indexes == {**dict.fromkeys(VALUES, 42), "a": 43}
+    store.close()
+
+
+def test_an_upgraded_node_recovers_from_a_version_1_data_directory(tmp_path: Path) -> None:
+    """A data directory of 0.2: a version-1 snapshot at 3 and the log after it. The keys of
+    the snapshot get its index, later keys their own; the next snapshot is version 2 and
+    keeps exactly those."""
+    store = Opened.open(tmp_path, "n1")
+    write(store, [put(1, "a", "1"), put(2, "b", "2"), put(3, "c", "3")])
+    snapshot(store)
+    write(store, [put(4, "c", "4"), put(5, "d", "5")])
+    store.sync()
+    store.close()
+    write_v1_snapshot(tmp_path / "snapshot", SnapshotMeta(3, 1, ((1, 1),)),
+                      {"a": "1", "b": "2", "c": "3"})  # what 0.2 wrote at 3
+    store = Opened.open(tmp_path, "n1")
+    assert store.kv.data == {"a": "1", "b": "2", "c": "4", "d": "5"}
+    # a and b were set at 1 and 2, which the old snapshot does not say: 3 is the best known
+    assert store.kv.indexes == {"a": 3, "b": 3, "c": 4, "d": 5}
+    assert store.kv.applied == 5
+    write(store, [put(6, "d", "6")])
+    snapshot(store)
+    assert (tmp_path / "snapshot").read_bytes().startswith(b"RKVSNAP2")
+    before = state(store)
+    store = reopen(store)
+    assert state(store) == before
+    store.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cluster.core.kv import KV
 from cluster.core.master import DEFAULT_WRITE_TIMEOUT_MS, MasterCore
 from cluster.core.state import NO_SNAPSHOT, Ready, Recovered, Replica
 from cluster.errors import StorageFailure
@@ -24,7 +25,7 @@ PEER_TIMEOUT_MS = 300
 
 
 def make(slaves: list[NodeId] = SLAVES, *, connect: bool = True) -> MasterCore:
-    replica = Replica.recovered(Recovered(0, NO_SNAPSHOT, {}, []))
+    replica = Replica.recovered(Recovered(0, NO_SNAPSHOT, KV(), []))
     replica.epoch = 1
     m = MasterCore(MASTER, list(slaves), replica, majority=(len(slaves) + 1) // 2 + 1,
                    peer_timeout_ms=PEER_TIMEOUT_MS, heartbeat_ms=50, batch_entries=100,
