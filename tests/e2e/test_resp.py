@@ -168,7 +168,7 @@ def redis_py_session(rc: RespCluster) -> None:
     with pytest.raises(redis.ResponseError, match="do not expire"):
         r.set("k", "v", ex=10)
     with pytest.raises(redis.ResponseError, match="unknown command"):
-        r.execute_command("LPUSH", "l", "x")
+        r.execute_command("LPUSH", "l", "x")  # type: ignore[no-untyped-call]
     assert r.get("b") == b"2"  # the connection goes on
 
     # pipelines: replies in request order, reads after writes see them
@@ -183,7 +183,9 @@ def redis_py_session(rc: RespCluster) -> None:
     assert results[-1] is None
     # a transaction is refused whole: the SET inside MULTI is not run
     with pytest.raises(redis.ResponseError, match="no transactions"):
-        r.pipeline().set("in-multi", 1).execute()
+        transaction = r.pipeline()
+        transaction.set("in-multi", 1)
+        transaction.execute()
     assert r.get("in-multi") is None
     # RESP3 is refused clearly
     with pytest.raises(redis.ResponseError, match="RESP2 only"):
