@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 
 import hiredis
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.config import Limits
+from cluster.router import resp as front
 from cluster.wire import resp
 from cluster.wire.resp import RequestDecoder, RespProtocolError, encode_command
 
@@ -322,3 +324,23 @@ def test_glob_examples() -> None:
 def test_glob_has_no_backtracking_blow_up() -> None:
     pattern = b"*a" * 30 + b"*b"
     assert not resp.glob(pattern)(b"a" * 4000)  # quadratic at worst: well under a second
+
+
+# --- docs/RESP.md ----------------------------------------------------------------------------
+
+
+def test_the_command_table_names_every_command_served() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "RESP.md").read_text()
+    table = doc.split("<!-- resp-commands -->")[1].split("<!-- /resp-commands -->")[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {word.strip().strip("`").split()[0].lower() for row in rows
+             for word in row.split(", ")}
+    assert {name.decode() for name in front._COMMANDS} <= named
+    for refused in front._REASONS:
+        assert refused.decode().upper() in table or refused in {b"pexpire", b"expireat",
+                                                                b"pexpireat", b"pttl",
+                                                                b"persist", b"psetex",
+                                                                b"getex"}
+    limits = doc.split("<!-- resp-limits -->")[1].split("<!-- /resp-limits -->")[0]
+    assert f"{resp.MAX_ARGS:,}" in limits and f"{resp.MAX_INLINE // 1024} KiB" in limits
+    assert f"{front.KEYS_LIMIT:,}" in table and f"{front.SCAN_COUNT_MAX:,}" in table
