@@ -72,7 +72,11 @@ class RespFrontEnd:
     def clients(self) -> int:
         return len(self._connections)
 
-    async def start(self, listen: Address) -> Address:
+    async def start(self) -> Address:
+        """Listen on the router's ``resp_listen`` address."""
+        listen = self.router.config.resp_listen
+        if listen is None:
+            raise ValueError("the router has no resp_listen address")
         try:
             self._server = await asyncio.start_server(self._handle, listen.host, listen.port,
                                                       limit=READ_SIZE, reuse_address=True)

@@ -82,8 +82,8 @@ class Router:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         try:
-            if resp is not None and cfg.resp_listen is not None:
-                await resp.start(cfg.resp_listen)
+            if resp is not None:
+                await resp.start()
             async with asyncio.TaskGroup() as tg:
                 probes = [tg.create_task(self._probe_loop(n)) for n in cfg.cluster]
                 # one round of probes tells where the master is before clients arrive

@@ -344,3 +344,18 @@ def test_the_command_table_names_every_command_served() -> None:
     limits = doc.split("<!-- resp-limits -->")[1].split("<!-- /resp-limits -->")[0]
     assert f"{resp.MAX_ARGS:,}" in limits and f"{resp.MAX_INLINE // 1024} KiB" in limits
     assert f"{front.KEYS_LIMIT:,}" in table and f"{front.SCAN_COUNT_MAX:,}" in table
+
+
+def test_the_redis_port_must_differ_from_the_routers_own() -> None:
+    from cluster.config import Address, RouterConfig
+    from cluster.errors import ConfigError
+    from cluster.types import NodeId
+
+    cluster = {NodeId("n1"): Address("127.0.0.1", 7001)}
+    same = RouterConfig(Address("127.0.0.1", 7000), cluster,
+                        resp_listen=Address("127.0.0.1", 7000))
+    with pytest.raises(ConfigError, match="give --resp-listen another port"):
+        same.validate()
+    RouterConfig(Address("127.0.0.1", 7000), cluster,
+                 resp_listen=Address("127.0.0.1", 6379)).validate()
+    RouterConfig(Address("127.0.0.1", 0), cluster, resp_listen=Address("127.0.0.1", 0)).validate()
