@@ -156,6 +156,7 @@ class RouterConfig:
     # timeout_ms gets that plus a second); above the master's default write timeout (5 s)
     request_timeout: float = 8.0
     metrics_listen: Address | None = None  # serve Prometheus metrics here (off when None)
+    resp_listen: Address | None = None  # where Redis (RESP2) clients connect; None: nowhere
 
     def validate(self) -> None:
         self.limits.validate()
@@ -169,6 +170,10 @@ class RouterConfig:
             raise ConfigError("max lag must be >= 0")
         if self.max_lag_ms < 0:
             raise ConfigError("max-lag-ms must be >= 0 (0 turns the time bound off)")
+        if self.resp_listen is not None and self.resp_listen.port != 0 and \
+                self.resp_listen == self.listen:
+            raise ConfigError(f"the Redis listen address {self.resp_listen} is the router's "
+                              "own listen address: give --resp-listen another port")
         if 0 < self.max_lag_ms <= self.health_interval * 1000:
             raise ConfigError(
                 f"max-lag-ms {self.max_lag_ms} must exceed the health interval "

@@ -47,6 +47,9 @@ from cluster.types import NodeId
               help="Seconds a forwarded request waits for its node; past it a write is "
               "answered `timeout` with applied: unknown (a write with a longer --timeout-ms "
               "gets that plus a second).")
+@click.option("--resp-listen", type=ADDRESS, default=None, envvar="REPL_RESP_LISTEN",
+              help="Also serve Redis clients (RESP2: redis-cli, redis-py, ...) on this "
+              "address, HOST:PORT; off unless given. See docs/RESP.md.")
 @limit_options
 @server_options
 @click.option("--log-level", default="info", envvar="REPL_LOG_LEVEL", show_default=True,
@@ -54,9 +57,9 @@ from cluster.types import NodeId
 @click.option("--debug", is_flag=True, envvar="REPL_DEBUG", help="Show tracebacks.")
 def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: float,
          node_timeout: float, max_lag: int, max_lag_ms: int, request_timeout: float,
-         max_frame: int, max_key_size: int, max_value_size: int,
-         metrics_listen: Address | None, log_format: str, log_level: str,
-         debug: bool) -> None:
+         resp_listen: Address | None, max_frame: int, max_key_size: int,
+         max_value_size: int, metrics_listen: Address | None, log_format: str,
+         log_level: str, debug: bool) -> None:
     """Run the replkv router: writes to the master, reads to a random live slave."""
     setup_logging(log_level, log_format, {"router": str(listen)})
     try:
@@ -64,7 +67,7 @@ def main(listen: Address, cluster_map: dict[NodeId, Address], health_interval: f
                               limits=limits_from(max_frame, max_key_size, max_value_size),
                               health_interval=health_interval, node_timeout=node_timeout,
                               max_lag=max_lag, max_lag_ms=max_lag_ms,
-                              request_timeout=request_timeout,
+                              request_timeout=request_timeout, resp_listen=resp_listen,
                               metrics_listen=metrics_listen)
         config.validate()
     except ReplError as exc:

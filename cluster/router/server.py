@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cluster.client.connection import Connection
 from cluster.config import Address, RouterConfig
@@ -27,6 +28,7 @@ from cluster.errors import (
 )
 from cluster.metrics import MeteredStream, RouterMetrics, outcome_of, serve_metrics
 from cluster.net.stream import FramedStream
+from cluster.router.resp import RespFrontEnd
 from cluster.router.table import RoutingTable
 from cluster.types import Consistency, NodeId
 from cluster.wire import codec
@@ -45,6 +47,12 @@ from cluster.wire.messages import (
 
 log = logging.getLogger(__name__)
 
+
+class ReplyTo(Protocol):
+    """Where a routed request's one reply goes: a client connection of the native protocol
+    or of the Redis front end (cluster/router/resp.py)."""
+
+    def finished(self, reply: Reply | ErrorReply) -> None: ...
 
 
 class Router:
@@ -78,11 +86,14 @@ class Router:
             except BaseException:
                 server.close()
                 raise
+        resp = RespFrontEnd(self, MAX_IN_FLIGHT) if cfg.resp_listen is not None else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         try:
+            if resp is not None:
+                await resp.start()
             async with asyncio.TaskGroup() as tg:
                 probes = [tg.create_task(self._probe_loop(n)) for n in cfg.cluster]
                 # one round of probes tells where the master is before clients arrive
@@ -98,6 +109,8 @@ class Router:
             server.close()
             if metrics_server is not None:
                 metrics_server.close()
+            if resp is not None:
+                await resp.close()
             await asyncio.gather(*(stream.close() for stream in list(self._streams)))
             for conn in self._links.values():
                 await conn.close()
@@ -171,7 +184,15 @@ class Router:
             self._streams.discard(stream)
             await stream.close()
 
-    def _route(self, msg: Request, client: _Client) -> None:
+    def submit(self, msg: Request, client: ReplyTo, node: NodeId | None = None) -> None:
+        """Route ``msg`` for a client of another front end (its reply goes to ``client``),
+        or with ``node``, send it to that node (a read of the master, its status)."""
+        if node is None:
+            self._route(msg, client)
+        else:
+            self._forward(msg, node, client, frozenset())
+
+    def _route(self, msg: Request, client: ReplyTo) -> None:
         """Forward or answer one request; its reply goes to ``client`` when it comes."""
         match msg:
             case Set() | Delete():
@@ -193,13 +214,13 @@ class Router:
             case Sync():  # pragma: no cover - requests(CLIENT_REQUESTS) refuses it
                 raise AssertionError("the router's request loop let a sync through")
 
-    async def _status(self, rid: int, client: _Client) -> None:
+    async def _status(self, rid: int, client: ReplyTo) -> None:
         """Answer ``status`` from a fresh probe of every node the router is connected to."""
         await asyncio.gather(*(self._probe(n, c) for n, c in list(self._links.items())))
         client.finished(Reply(rid, {"router": str(self.address), "master": self.table.master(),
                                     "nodes": self.table.view()}))
 
-    def _read(self, msg: Get | Scan, client: _Client, tried: frozenset[NodeId]) -> None:
+    def _read(self, msg: Get | Scan, client: ReplyTo, tried: frozenset[NodeId]) -> None:
         why = "no node that can serve this read is reachable"
         if isinstance(msg, Get) and msg.consistency is Consistency.STRONG:
             node = self.table.master() if not tried else None
@@ -213,7 +234,7 @@ class Router:
             return
         self._forward(msg, node, client, tried)
 
-    def _forward(self, msg: Request, node: NodeId, client: _Client,
+    def _forward(self, msg: Request, node: NodeId, client: ReplyTo,
                  tried: frozenset[NodeId]) -> None:
         conn = self._links.get(node)
         if conn is None or conn.closed:
@@ -262,7 +283,7 @@ class Router:
             seconds = max(seconds, msg.timeout_ms / 1000 + 1.0)
         return seconds
 
-    def _retry_or_fail(self, msg: Request, node: NodeId, client: _Client,
+    def _retry_or_fail(self, msg: Request, node: NodeId, client: ReplyTo,
                        tried: frozenset[NodeId], why: str, *, sent: bool,
                        behind: bool = False) -> None:
         tried = tried | {node}
