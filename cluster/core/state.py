@@ -43,6 +43,7 @@ class Recovered:
     snapshot: SnapshotMeta
     data: KV  # the snapshot's map, at ``snapshot.index`` (not to be changed: restore copies)
     entries: list[Entry]
+    vote: str | None = None  # whom this node voted for in ``epoch`` (None: nobody)
 
 
 def restore(rec: Recovered) -> tuple[Log, KV]:

@@ -32,7 +32,7 @@ class LogStore(Protocol):
     snapshot_index: int  # the newest snapshot's index (0: none)
     snapshotting: bool  # a snapshot is being written or installed: no other starts
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, vote: str | None = None) -> None: ...
     def append(self, entries: list[Entry]) -> None: ...
     def sync(self) -> None: ...
     def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> KV: ...
@@ -50,7 +50,7 @@ def persist(store: LogStore, ready: Ready) -> KV | None:
     Raises :class:`~cluster.errors.StorageFailure` when the entries could not be written;
     then none of them were."""
     if ready.epoch is not None:
-        store.set_epoch(ready.epoch)
+        store.set_epoch(ready.epoch, ready.vote)
     data = None
     if ready.wipe:
         store.wipe(ready.truncate.removed if ready.truncate else ())

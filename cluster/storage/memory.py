@@ -13,6 +13,7 @@ from cluster.types import Entry
 class MemoryStore:
     def __init__(self) -> None:
         self.epoch = 0
+        self.vote: str | None = None  # this node's vote in ``epoch``
         self.snapshot_index = 0
         self.snapshotting = False
         self.snapshot: tuple[SnapshotMeta, KV] = (NO_SNAPSHOT, KV())
@@ -29,7 +30,7 @@ class MemoryStore:
         self.written = []
         self.snapshotting = False
         meta, data = self.snapshot
-        return Recovered(self.epoch, meta, data.copy(), list(self.synced))
+        return Recovered(self.epoch, meta, data.copy(), list(self.synced), self.vote)
 
     @property
     def entries(self) -> list[Entry]:
@@ -37,8 +38,9 @@ class MemoryStore:
 
     # --- LogStore ------------------------------------------------------------------------------
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, vote: str | None = None) -> None:
         self.epoch = epoch
+        self.vote = vote
 
     def append(self, entries: list[Entry]) -> None:
         if self.fail_writes:
@@ -89,4 +91,4 @@ class MemoryStore:
         self.snapshot = (meta, data.copy())
         self.snapshot_index = meta.index
         self.synced, self.written = [], []
-        return Recovered(self.epoch, meta, data.copy(), [])
+        return Recovered(self.epoch, meta, data.copy(), [], self.vote)

@@ -47,6 +47,7 @@ class Store:
         self.epoch = epoch
         self.wal = wal
         self.snapshot_index = snapshot_index
+        self.vote: str | None = None  # this node's vote in ``epoch``
         self.snapshotting = False  # a snapshot is being written or installed: no other starts
 
     @property
@@ -65,7 +66,7 @@ class Store:
 
     @classmethod
     def _recover(cls, directory: Path, node: str, lock_fd: int) -> tuple[Store, Recovered]:
-        epoch = 0
+        epoch, vote = 0, None
         meta_path = directory / "meta"
         if meta_path.exists():
             meta = _read_meta(meta_path)
@@ -73,6 +74,7 @@ class Store:
                 raise ConfigError(f"data directory {directory} belongs to node "
                                   f"{meta.get('node')!r}, not {node!r}")
             epoch = meta["epoch"]
+            vote = meta.get("vote") if isinstance(meta.get("vote"), str) else None
         snap, data = NO_SNAPSHOT, KV()
         if (directory / "snapshot").exists():
             snap, data = read_snapshot(directory / "snapshot")
@@ -84,19 +86,25 @@ class Store:
                         "log after the snapshot", directory, entries[-1].index, snap.index)
             wal.reset(snap.index + 1)
             entries = []
+        meta_epoch = epoch
         epoch = max(epoch, entries[-1].epoch if entries else snap.epoch)
+        if epoch != meta_epoch:
+            vote = None  # the log holds a newer epoch than the meta file: no vote in it
         store = cls(directory, node, lock_fd, epoch, wal, snap.index)
+        store.vote = vote
         if not meta_path.exists():
             store.set_epoch(epoch)
-        return store, Recovered(epoch, snap, data, entries)
+        return store, Recovered(epoch, snap, data, entries, vote)
 
     # --- metadata ----------------------------------------------------------------------------
 
-    def set_epoch(self, epoch: int) -> None:
-        """Durably record the highest epoch seen, before acting in it."""
-        write_atomic(self.directory / "meta",
-                     [encode_record(codec.pack_obj({"node": self.node, "epoch": epoch}))])
+    def set_epoch(self, epoch: int, vote: str | None = None) -> None:
+        """Durably record the highest epoch seen and this node's vote in it (None: none
+        cast), atomically, before acting in that epoch or answering a vote request."""
+        write_atomic(self.directory / "meta", [encode_record(codec.pack_obj(
+            {"node": self.node, "epoch": epoch, "vote": vote}))])
         self.epoch = epoch
+        self.vote = vote
 
     # --- the log -----------------------------------------------------------------------------
 
@@ -183,7 +191,7 @@ class Store:
         self.wal.reset(meta.index + 1)
         self.snapshot_index = meta.index
         log.info("installed the master's snapshot at index %d (%d keys)", meta.index, len(data))
-        return Recovered(self.epoch, meta, data, [])
+        return Recovered(self.epoch, meta, data, [], self.vote)
 
     def open_snapshot(self) -> tuple[IO[bytes], int, int]:
         """The newest snapshot for sending: an open file (it survives a newer snapshot's
@@ -211,5 +219,6 @@ def _read_meta(path: Path) -> dict[str, Any]:
             break
         if isinstance(obj, dict) and isinstance(obj.get("epoch"), int):
             return obj
-    raise CorruptLog(f"{path} is damaged; it holds only the node id and epoch: rewrite it by "
-                     "deleting it (the epoch is recovered from the log)")
+    raise CorruptLog(f"{path} is damaged; it holds only the node id, the epoch and this node's "
+                     "vote: rewrite it by deleting it (the epoch is recovered from the log, the "
+                     "vote is forgotten)")

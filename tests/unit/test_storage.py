@@ -15,7 +15,7 @@ import pytest
 from cluster.core.kv import KV
 from cluster.core.log import Log
 from cluster.core.slave import SlaveCore
-from cluster.core.state import Recovered, Replica, snapshot_point
+from cluster.core.state import Ready, Recovered, Replica, snapshot_point
 from cluster.errors import ConfigError, CorruptLog
 from cluster.storage.base import SnapshotJob, persist
 from cluster.storage.records import (
@@ -676,6 +676,27 @@ def test_store_epoch_is_durable(tmp_path: Path) -> None:
     store = reopen(store)
     assert store.epoch == 7
     store.close()
+
+
+def test_store_vote_is_durable_with_its_epoch(tmp_path: Path) -> None:
+    store = Opened.open(tmp_path, "n1")
+    persist(store.files, Ready(epoch=3, vote="n2"))
+    store = reopen(store)
+    assert (store.epoch, store.vote, store.replica.epoch) == (3, "n2", 3)
+    files, rec = store.files, None
+    files.close()
+    files, rec = Store.open(tmp_path, "n1")
+    assert (rec.epoch, rec.vote) == (3, "n2")
+    persist(files, Ready(epoch=4))  # a newer epoch: no vote cast in it yet
+    files.close()
+    files, rec = Store.open(tmp_path, "n1")
+    assert (rec.epoch, rec.vote) == (4, None)
+    files.append([put(1, epoch=6)])  # the log is ahead of the meta file: no vote known
+    files.sync()
+    files.close()
+    files, rec = Store.open(tmp_path, "n1")
+    assert (rec.epoch, rec.vote) == (6, None)
+    files.close()
 
 
 def test_store_second_open_is_refused_while_the_first_runs(tmp_path: Path) -> None:
