@@ -520,3 +520,21 @@ def test_compose_multihost_files_agree() -> None:
 
 def _substitute(text: str, var: str, value: str) -> str:
     return re.sub(r"\$\{" + var + r"(:\?[^}]*)?\}", value, text)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose")
+def test_compose_multihost_files_pass_docker_compose_config(tmp_path: Path) -> None:
+    """Where docker-compose is installed, it validates both files (offline: no daemon) and
+    refuses them, in one line, when a machine's address is not set."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "DOCKER_HOST": "unix:///nonexistent"}
+    for f in sorted(MULTIHOST_DIR.glob("host-*.yml")):
+        ok = subprocess.run(["docker-compose", "-f", str(f), "config", "-q"],
+                            env={**env, "REPL_HOST_A": "192.0.2.10",
+                                 "REPL_HOST_B": "192.0.2.20"},
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        missing = subprocess.run(["docker-compose", "-f", str(f), "config", "-q"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0
+        assert "set REPL_HOST_A to machine A's address" in missing.stderr
