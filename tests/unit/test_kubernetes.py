@@ -345,10 +345,12 @@ def test_manifests_refer_to_each_other_rightly(docs: list[Doc]) -> None:
     assert cross_problems(docs) == []
     sts = one(docs, "StatefulSet")
     assert sts["spec"]["replicas"] == 4
-    assert parse_cluster(env_of(containers(sts)[0], {
-        d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"})["REPL_CLUSTER"]) \
-        == {NodeId(f"n{k}"): Address(f"replkv-{k - 1}.replkv.replkv.svc.cluster.local", 7001)
-            for k in range(1, 5)}
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    cluster = parse_cluster(env_of(containers(sts)[0], config_maps)["REPL_CLUSTER"])
+    assert cluster == {
+        NodeId(f"n{k + 1}"): Address(f"replkv-{k}.replkv.replkv.svc.cluster.local", 7001)
+        for k in range(4)
+    }
 
 
 def test_image_is_a_kustomize_parameter(docs: list[Doc], tmp_path: Path) -> None:
