@@ -323,9 +323,11 @@ def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Pa
     path = tmp_path / "docker-compose.five.yml"
     path.write_text(run([sys.executable, REPO / "scripts" / "compose_gen.py", "5"]).stdout)
     port = free_port()
-    env = dict(cluster.env, REPL_ROUTER_PORT=str(port))
-    compose: list[str | Path] = ["docker-compose", "-f", path, "-p", f"{cluster.project}five",
-                                 "--ansi", "never"]
+    env = dict(cluster.env, REPL_ROUTER_PORT=str(port), REPL_RESP_PORT=str(free_port()))
+    # Its paths (build contexts, Prometheus's configuration) are relative to the repository,
+    # where the page writes the file.
+    compose: list[str | Path] = ["docker-compose", "-f", path, "--project-directory", REPO,
+                                 "-p", f"{cluster.project}five", "--ansi", "never"]
     ctl = [*replctl_command(), "--router", f"127.0.0.1:{port}"]
     nodes = {f"n{i}" for i in range(1, 7)}
 
@@ -374,6 +376,7 @@ def test_failed_build_leaves_no_container_and_prune_removes_its_image(
     shutil.copytree(
         REPO / "cluster", ctx / "cluster", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
+    shutil.copytree(REPO / "deploy" / "compose", ctx / "deploy" / "compose")  # the file names it
     wheels = ctx / ".wheelhouse"
     wheels.mkdir()
     for wheel in WHEELHOUSE.glob("*.whl"):
