@@ -4,9 +4,10 @@
 docker-compose.yml is this script's output for N=3, word for word (a test holds them equal):
 change the cluster's compose setup here, then `python3 scripts/compose_gen.py 3 >
 docker-compose.yml`. `--prometheus N` prints the scrape configuration of the `monitoring`
-profile for the same cluster instead; deploy/compose/prometheus.yml is its output for N=3. For another number of slaves, write the output beside it and name it with
-`-f` (docs/DOCKER.md, "Another number of slaves"); `docker compose up --scale` cannot do this,
-as every slave is a node of its own, with its own id, address and volume.
+profile for the same cluster instead; deploy/compose/prometheus.yml is its output for N=3.
+For another number of slaves, write the output beside it and name it with `-f`
+(docs/DOCKER.md, "Another number of slaves"); `docker compose up --scale` cannot do this, as
+every slave is a node of its own, with its own id, address and volume.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ ROUTER = """
     init: true
     restart: on-failure:5
     volumes:
-      - ${{REPL_PROMETHEUS_CONFIG:-./deploy/compose/prometheus.yml}}:/etc/prometheus/prometheus.yml:ro
+      - type: bind
+        source: ${{REPL_PROMETHEUS_CONFIG:-./deploy/compose/prometheus.yml}}
+        target: /etc/prometheus/prometheus.yml
+        read_only: true
       - prometheus-data:/var/lib/prometheus
     ports:
       - "${{REPL_ROUTER_BIND:-127.0.0.1}}:${{REPL_PROMETHEUS_PORT:-9090}}:9090"
