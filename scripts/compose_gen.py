@@ -140,7 +140,7 @@ ROUTER = """
 
   # Only with `--profile monitoring`: Prometheus, scraping every process's port 9100. Built
   # here from Debian's package (deploy/compose/prometheus/Dockerfile), as no registry is
-  # assumed; docs/DOCKER.md, "Monitoring", says how to use prom/prometheus instead.
+  # assumed; docs/DOCKER.md, "Metrics and monitoring", says how to use prom/prometheus instead.
   prometheus:
     profiles: [monitoring]
     image: ${{REPL_PROMETHEUS_IMAGE:-replkv-prometheus:latest}}
