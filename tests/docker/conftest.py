@@ -389,6 +389,9 @@ def cluster(docker_engine: Engine) -> Iterator[Cluster]:
         REPL_IMAGE=image,
         REPL_ROUTER_PORT=str(port),
         REPL_RESP_PORT=str(resp_port),
+        # The monitoring profile's image too: the clean-up's `down --rmi all` removes the
+        # images the file names, so they must be the test's own, never a user's.
+        REPL_PROMETHEUS_IMAGE=f"{image}-prometheus",
     )
     env = dict(
         docker_engine.env,
@@ -397,6 +400,7 @@ def cluster(docker_engine: Engine) -> Iterator[Cluster]:
         REPL_BASE_IMAGE=BASE_IMAGE,
         REPL_ROUTER_PORT=str(port),
         REPL_RESP_PORT=str(resp_port),
+        REPL_PROMETHEUS_IMAGE=f"{image}-prometheus",
         DOCKER_BUILDKIT="0",
         COMPOSE_DOCKER_CLI_BUILD="0",
     )

@@ -202,11 +202,7 @@ def test_monitoring_profile_scrapes_every_process(cluster: Any) -> None:
     """`--profile monitoring`: Prometheus, built here from Debian's package on the same base,
     scrapes all five processes; its HTTP API, on a published loopback port, says each is up."""
     port = free_port()
-    env = dict(
-        cluster.env,
-        REPL_PROMETHEUS_PORT=str(port),
-        REPL_PROMETHEUS_IMAGE=f"{cluster.image}-prometheus",
-    )
+    env = dict(cluster.env, REPL_PROMETHEUS_PORT=str(port))  # the image: the test's own tag
     compose: list[str | Path] = ["docker-compose", "-f", COMPOSE_FILE, "-p", cluster.project,
                                  "--ansi", "never", "--profile", "monitoring"]
     expected = {f"{s}:9100" for s in cluster.services}
