@@ -5,7 +5,7 @@ $REPL_DOCKER_DIR, default /tmp/replkv-docker); it is stopped by its PID at the e
 and the host firewall is checked to be what it was. No image can be pulled on the machines this
 runs on: the cluster is brought up by running the offline walk-through of docs/DOCKER.md as
 written (engine, base image by debootstrap, wheelhouse for the image's Python, build, up), with
-only a project name, image tag and router port of the test's own in the environment; at the end
+only a project name, image tag and router ports of the test's own in the environment; at the end
 the page's clean-up block takes it all down.
 
 Without root, and outside CI, these tests skip. With CI set they never skip: a missing engine
@@ -197,6 +197,7 @@ class Cluster:
     project: str
     image: str
     router_port: int
+    resp_port: int
     env: dict[str, str]
     # What the tests wrote and were told succeeded: key -> value. Nothing here may be lost.
     acked: dict[str, str] = field(default_factory=dict)
@@ -372,7 +373,7 @@ class Leftovers:
 def cluster(docker_engine: Engine) -> Iterator[Cluster]:
     project = f"replkvtest{uuid.uuid4().hex[:8]}"
     image = f"replkv-test:{project}"
-    port = free_port()
+    port, resp_port = free_port(), free_port()
     # The walk-through as a user runs it: the page sets REPL_BASE_IMAGE, DOCKER_BUILDKIT and
     # COMPOSE_DOCKER_CLI_BUILD itself, and runs this checkout's python3 (the venv's, with pip).
     walk_env = {
@@ -387,6 +388,10 @@ def cluster(docker_engine: Engine) -> Iterator[Cluster]:
         COMPOSE_PROJECT_NAME=project,
         REPL_IMAGE=image,
         REPL_ROUTER_PORT=str(port),
+        REPL_RESP_PORT=str(resp_port),
+        # The monitoring profile's image too: the clean-up's `down --rmi all` removes the
+        # images the file names, so they must be the test's own, never a user's.
+        REPL_PROMETHEUS_IMAGE=f"{image}-prometheus",
     )
     env = dict(
         docker_engine.env,
@@ -394,10 +399,12 @@ def cluster(docker_engine: Engine) -> Iterator[Cluster]:
         REPL_IMAGE=image,
         REPL_BASE_IMAGE=BASE_IMAGE,
         REPL_ROUTER_PORT=str(port),
+        REPL_RESP_PORT=str(resp_port),
+        REPL_PROMETHEUS_IMAGE=f"{image}-prometheus",
         DOCKER_BUILDKIT="0",
         COMPOSE_DOCKER_CLI_BUILD="0",
     )
-    c = Cluster(docker_engine, project, image, port, env)
+    c = Cluster(docker_engine, project, image, port, resp_port, env)
     timings = docker_engine.timings
     had_wheelhouse = WHEELHOUSE.exists()
     c.leftovers_before = Leftovers.now(docker_engine)

@@ -30,6 +30,8 @@ from tests.docker.conftest import (
 )
 
 OFFLINE = {"DOCKER_HOST": "unix:///nonexistent"}
+PROMETHEUS_FILE = REPO / "deploy" / "compose" / "prometheus.yml"
+METRICS_PORT = 9100
 
 try:
     import yaml
@@ -93,13 +95,13 @@ def test_the_offline_check_catches_a_broken_file(tmp_path: Path) -> None:
 def test_file_has_no_version_key_and_parses_as_plain_yaml() -> None:
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     assert "version" not in raw, "the `version:` key is obsolete in v2 and not needed by v1.27+"
-    assert set(raw["services"]) == set(SERVICES)
+    assert set(raw["services"]) == {*SERVICES, "prometheus"}
 
 
 def test_five_services_one_image_restart_policy_and_init() -> None:
     services = resolved()["services"]
-    assert set(services) == set(SERVICES)
-    images = {s["image"] for s in services.values()}
+    assert set(services) == {*SERVICES, "prometheus"}
+    images = {services[s]["image"] for s in SERVICES}
     assert images == {"replkv:latest"}
     for name, svc in services.items():
         # A crash is restarted; a process that cannot start (a locked data directory, a bad
@@ -112,6 +114,7 @@ def test_five_services_one_image_restart_policy_and_init() -> None:
     assert build["args"]["BASE_IMAGE"] == "python:3.12-slim"
     assert Path(build["context"]) == REPO
     for name in SERVICES:
+        assert "profiles" not in services[name], f"{name} must start without a profile"
         if name == "master":
             continue
         assert "build" not in services[name], name
@@ -154,10 +157,12 @@ def test_router_port_published_on_loopback_and_overridable() -> None:
                 out.append((m.group(1) or "", m.group(2), m.group(3)))
         return out
 
-    assert published(resolved()) == [("127.0.0.1", "7000", "7000")]
-    assert published(resolved({"REPL_ROUTER_PORT": "17123", "REPL_ROUTER_BIND": "0.0.0.0"})) == [
-        ("0.0.0.0", "17123", "7000")
-    ]
+    # The native port and the Redis (RESP2) port, each on a host port of its own.
+    assert published(resolved()) == [("127.0.0.1", "7000", "7000"), ("127.0.0.1", "6380", "6379")]
+    overridden = resolved(
+        {"REPL_ROUTER_PORT": "17123", "REPL_RESP_PORT": "16379", "REPL_ROUTER_BIND": "0.0.0.0"}
+    )
+    assert published(overridden) == [("0.0.0.0", "17123", "7000"), ("0.0.0.0", "16379", "6379")]
     for name in NODE_SERVICES:
         assert not resolved()["services"][name].get("ports"), f"{name} should not be published"
 
@@ -188,6 +193,11 @@ def test_environment_describes_one_consistent_cluster() -> None:
     router = services["router"]
     assert router["command"] == ["replrouter"]
     assert router["environment"]["REPL_LISTEN"] == "0.0.0.0:7000"
+    assert router["environment"]["REPL_RESP_LISTEN"] == "0.0.0.0:6379"
+    # Every process serves its metrics on the same port of its own container.
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["REPL_METRICS_LISTEN"] == f"0.0.0.0:{METRICS_PORT}", name
     assert router["environment"]["REPL_CLUSTER"] == cluster
     assert router["depends_on"]["master"]["condition"] == "service_healthy"
 
@@ -201,7 +211,10 @@ def test_image_and_base_are_substitutable_for_the_offline_build() -> None:
         }
     )
     assert cfg["services"]["master"]["build"]["args"]["BASE_IMAGE"] == "local/base:latest"
-    for name, svc in cfg["services"].items():
+    # Prometheus is built from the same base (it installs Debian's package there).
+    assert cfg["services"]["prometheus"]["build"]["args"]["BASE_IMAGE"] == "local/base:latest"
+    for name in SERVICES:
+        svc = cfg["services"][name]
         assert svc["image"] == "replkv-test:x", name
         if name != "router":
             assert svc["environment"]["REPL_FSYNC"] == "always"
@@ -226,6 +239,51 @@ def test_dockerfile_base_is_an_argument_and_runs_as_non_root() -> None:
     assert "*" in ignore and "!cluster" in ignore and "!pyproject.toml" in ignore
 
 
+def mount(v: str | dict[str, Any]) -> tuple[str, str, str]:
+    """(source, target, mode) of a volume as `config` prints it (v1: short syntax)."""
+    if isinstance(v, dict):
+        return v["source"], v["target"], "ro" if v.get("read_only") else "rw"
+    source, target, *mode = v.split(":")
+    return source, target, mode[0] if mode else "rw"
+
+
+def test_monitoring_profile_runs_prometheus_built_here_on_the_shipped_config() -> None:
+    services = resolved()["services"]
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["monitoring"]
+    assert prom["image"] == "replkv-prometheus:latest"
+    assert Path(prom["build"]["context"]) == REPO / "deploy" / "compose" / "prometheus"
+    assert prom["build"]["args"]["BASE_IMAGE"] == "python:3.12-slim"
+    assert prom["restart"] == "on-failure:5"
+    assert prom.get("init") is True
+    mounts = {target: (source, mode) for source, target, mode in map(mount, prom["volumes"])}
+    assert mounts["/etc/prometheus/prometheus.yml"] == (str(PROMETHEUS_FILE), "ro"), (
+        "the configuration is mounted read-only"
+    )
+    assert mounts["/var/lib/prometheus"][0] in resolved()["volumes"], "data in a named volume"
+    assert prom["ports"] == ["127.0.0.1:9090:9090/tcp"]
+    other = resolved({"REPL_PROMETHEUS_PORT": "19090", "REPL_PROMETHEUS_CONFIG": "/x/p.yml"})
+    other_prom = other["services"]["prometheus"]
+    assert other_prom["ports"] == ["127.0.0.1:19090:9090/tcp"]
+    assert ("/x/p.yml", "/etc/prometheus/prometheus.yml", "ro") in map(mount, other_prom["volumes"])
+    # Its Dockerfile builds from the same base argument as replkv's, without a registry.
+    text = (REPO / "deploy" / "compose" / "prometheus" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.12-slim" in text and "FROM ${BASE_IMAGE}" in text
+    assert "apt-get install" in text and " prometheus" in text
+
+
+def test_prometheus_config_scrapes_every_process_of_the_cluster() -> None:
+    cfg = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    (job,) = cfg["scrape_configs"]
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert sorted(targets) == sorted(f"{s}:{METRICS_PORT}" for s in SERVICES)
+    services = resolved()["services"]
+    for target in targets:
+        service, port = target.split(":")
+        listen = services[service]["environment"]["REPL_METRICS_LISTEN"]
+        assert listen.rsplit(":", 1)[1] == port, f"{service} serves metrics on {listen}"
+
+
 def generate(*args: str) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, REPO / "scripts" / "compose_gen.py", *args], check=False)
 
@@ -237,6 +295,12 @@ def test_compose_file_is_the_generator_output_for_three_slaves() -> None:
         "docker-compose.yml differs from `python3 scripts/compose_gen.py 3`: change the "
         "generator, then regenerate the file"
     )
+    proc = generate("--prometheus", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == PROMETHEUS_FILE.read_text(), (
+        "deploy/compose/prometheus.yml differs from `python3 scripts/compose_gen.py "
+        "--prometheus 3`: regenerate it"
+    )
 
 
 @pytest.mark.parametrize("slaves", [1, 5])
@@ -247,10 +311,15 @@ def test_generated_file_for_another_number_of_slaves(tmp_path: Path, slaves: int
     path.write_text(proc.stdout)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPL_")}
     env.update(OFFLINE)
-    out = run([compose_v1(), "-f", path, "config"], env=env, timeout=60)
+    # Paths in the file (the build contexts, Prometheus's configuration) are relative to the
+    # repository, where docs/DOCKER.md says to write it.
+    out = run(
+        [compose_v1(), "-f", path, "--project-directory", REPO, "config"], env=env, timeout=60
+    )
     services = yaml.safe_load(out.stdout)["services"]
     slave_names = [f"slave{i}" for i in range(1, slaves + 1)]
-    assert set(services) == {"master", "router", *slave_names}
+    assert set(services) == {"master", "router", "prometheus", *slave_names}
+    services.pop("prometheus")
     members = {f"n{i + 2}": f"slave{i + 1}:{7002 + i}" for i in range(slaves)}
     members["n1"] = "master:7001"
     volumes = set()
@@ -266,11 +335,19 @@ def test_generated_file_for_another_number_of_slaves(tmp_path: Path, slaves: int
             )
     assert len(volumes) == slaves + 1, "each node needs its own volume"
     assert set(services["router"]["depends_on"]) == {"master", *slave_names}
+    # The scrape configuration for the same cluster names every process.
+    prom = generate("--prometheus", str(slaves))
+    assert prom.returncode == 0, prom.stderr
+    (job,) = yaml.safe_load(prom.stdout)["scrape_configs"]
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{s}:{METRICS_PORT}" for s in services}
 
 
-@pytest.mark.parametrize("bad", ["0", "21", "three", ""])
-def test_generator_refuses_a_bad_count_in_one_line(bad: str) -> None:
-    proc = generate(bad)
+@pytest.mark.parametrize(
+    "bad", [["0"], ["21"], ["three"], [""], ["--prometheus", "0"], ["--prometheus"], ["3", "4"]]
+)
+def test_generator_refuses_a_bad_count_in_one_line(bad: list[str]) -> None:
+    proc = generate(*bad)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

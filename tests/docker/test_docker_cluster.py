@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.docker.conftest import (
+    COMPOSE_FILE,
     OUR_LABEL,
     REPO,
     WHEELHOUSE,
@@ -128,6 +130,106 @@ def test_writes_through_the_published_port(cluster: Any) -> None:
             lambda s=service: caught_up(cluster, s, index),
             timeout=60,
         )
+
+
+def test_redis_cli_through_the_published_resp_port(cluster: Any) -> None:
+    """redis-cli on the host, through the router's RESP2 port as the compose file publishes it;
+    what it wrote is read back with replctl (and kept in `acked`: no step may lose it)."""
+    run(["bash", REPO / "scripts" / "ensure_apt.sh", "redis-tools"], timeout=300)
+    cli = ["redis-cli", "-h", "127.0.0.1", "-p", str(cluster.resp_port)]
+    assert run([*cli, "ping"]).stdout.strip() == "PONG"
+    assert run([*cli, "set", "via-redis", "hello from redis-cli"]).stdout.strip() == "OK"
+    cluster.acked["via-redis"] = "hello from redis-cli"
+    assert run([*cli, "get", "via-redis"]).stdout.strip() == "hello from redis-cli"
+    got = cluster.ctl("read", "via-redis", check=True).stdout.strip()
+    assert got == "hello from redis-cli"
+
+
+# Run inside the router's container (its image has Python): GET /metrics of each service
+# named, by its name on the compose network; prints {service: body} as JSON.
+SCRAPE = """
+import json, sys, urllib.request
+out = {}
+for service in sys.argv[1:]:
+    with urllib.request.urlopen(f"http://{service}:9100/metrics", timeout=10) as r:
+        out[service] = r.read().decode()
+print(json.dumps(out))
+"""
+
+
+def scrape_all(cluster: Any) -> dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """Every process's metrics, scraped from inside the compose network: service ->
+    {(sample name, labels): value}, parsed with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc = cluster.compose(
+        "exec", "-T", "router", "python3", "-c", SCRAPE, *cluster.services, timeout=60
+    )
+    return {
+        service: {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+        }
+        for service, body in json.loads(proc.stdout).items()
+    }
+
+
+def test_every_process_serves_metrics_inside_the_network(cluster: Any) -> None:
+    index = master_last_index(cluster)
+
+    def check() -> bool:
+        samples = scrape_all(cluster)
+        for service in cluster.node_services:
+            node = cluster.node_id[service]
+            applied = samples[service].get(("replkv_applied_index", frozenset({("node", node)})))
+            assert applied is not None and applied >= index, f"{service}: applied {applied}"
+        router = samples["router"]
+        for node in cluster.node_id.values():
+            up = router.get(("replkv_router_node_up", frozenset({("target", node)})))
+            assert up == 1, f"the router sees {node} as up={up}"
+        sets = router.get(
+            ("replkv_requests_total",
+             frozenset({("node", "router"), ("type", "set"), ("outcome", "ok")}))
+        )  # fmt: skip
+        assert sets is not None and sets >= 1, f"router's ok sets: {sets}"
+        return True
+
+    cluster.wait_for("every process's metrics", check, timeout=60)
+
+
+def test_monitoring_profile_scrapes_every_process(cluster: Any) -> None:
+    """`--profile monitoring`: Prometheus, built here from Debian's package on the same base,
+    scrapes all five processes; its HTTP API, on a published loopback port, says each is up."""
+    port = free_port()
+    env = dict(cluster.env, REPL_PROMETHEUS_PORT=str(port))  # the image: the test's own tag
+    compose: list[str | Path] = ["docker-compose", "-f", COMPOSE_FILE, "-p", cluster.project,
+                                 "--ansi", "never", "--profile", "monitoring"]
+    expected = {f"{s}:9100" for s in cluster.services}
+
+    def targets() -> dict[str, str]:
+        url = f"http://127.0.0.1:{port}/api/v1/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                data = json.load(r)
+        except OSError as exc:
+            return {"error": str(exc)}
+        return {t["labels"]["instance"]: t["health"] for t in data["data"]["activeTargets"]}
+
+    try:
+        built = run([*compose, "build", "--force-rm", "prometheus"], env=env, timeout=600)
+        cluster.build_output += built.stdout + built.stderr
+        run([*compose, "up", "-d", "--no-deps", "prometheus"], env=env, timeout=120)
+        cluster.wait_for(
+            "Prometheus to scrape all five processes as up",
+            lambda: targets() == dict.fromkeys(expected, "up"),
+            timeout=90,
+            describe=lambda: str(targets()),
+        )
+    finally:
+        run([*compose, "rm", "--stop", "--force", "-v", "prometheus"], env=env, check=False,
+            timeout=120)
+        cluster.engine.docker("image", "rm", "-f", env["REPL_PROMETHEUS_IMAGE"], check=False)
 
 
 def test_killed_slave_catches_up_by_id(cluster: Any) -> None:
@@ -323,9 +425,11 @@ def test_generated_file_runs_a_master_and_five_slaves(cluster: Any, tmp_path: Pa
     path = tmp_path / "docker-compose.five.yml"
     path.write_text(run([sys.executable, REPO / "scripts" / "compose_gen.py", "5"]).stdout)
     port = free_port()
-    env = dict(cluster.env, REPL_ROUTER_PORT=str(port))
-    compose: list[str | Path] = ["docker-compose", "-f", path, "-p", f"{cluster.project}five",
-                                 "--ansi", "never"]
+    env = dict(cluster.env, REPL_ROUTER_PORT=str(port), REPL_RESP_PORT=str(free_port()))
+    # Its paths (build contexts, Prometheus's configuration) are relative to the repository,
+    # where the page writes the file.
+    compose: list[str | Path] = ["docker-compose", "-f", path, "--project-directory", REPO,
+                                 "-p", f"{cluster.project}five", "--ansi", "never"]
     ctl = [*replctl_command(), "--router", f"127.0.0.1:{port}"]
     nodes = {f"n{i}" for i in range(1, 7)}
 
@@ -374,6 +478,7 @@ def test_failed_build_leaves_no_container_and_prune_removes_its_image(
     shutil.copytree(
         REPO / "cluster", ctx / "cluster", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
+    shutil.copytree(REPO / "deploy" / "compose", ctx / "deploy" / "compose")  # the file names it
     wheels = ctx / ".wheelhouse"
     wheels.mkdir()
     for wheel in WHEELHOUSE.glob("*.whl"):
