@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -39,17 +40,29 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the OS reports free right now (held open together so they differ)."""
-    socks = []
+    """``count`` distinct ports no server listens on now, chosen at random outside the
+    ephemeral range: the kernel picks the local ports of outgoing connections there, so on
+    a busy machine one of them could take a port between this choice and the server's
+    bind. Probed with SO_REUSEADDR as the servers bind, so TIME-WAIT does not count."""
+    lo, hi = _ephemeral_range()
+    candidates = [*range(10_000, lo), *range(hi + 1, 65_536)]
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    for _ in range(100 * count + 100):
+        port = rng.choice(candidates)
+        if port not in chosen and not port_in_use(Address(host, port)):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise ClusterError(f"found no {count} free ports on {host} outside the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+    return lo, hi
 
 
 def port_in_use(address: Address) -> bool:

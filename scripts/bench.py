@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from typing import Any
 from cluster.client.client import Client
 from cluster.config import Address
 from cluster.errors import ReplError
-from cluster.local import LocalCluster
+from cluster.local import LocalCluster, free_ports
 
 PROBE_KEY = "__bench_probe__"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -79,19 +78,6 @@ def summarize_ms(values: list[float]) -> dict[str, float | int | None]:
     return {"n": len(ordered), "p50_ms": ms(percentile(ordered, 0.50)),
             "p99_ms": ms(percentile(ordered, 0.99)),
             "max_ms": ms(ordered[-1] if ordered else None)}
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def rss_mb(pid: int | None) -> float | None:
