@@ -22,7 +22,7 @@ from cluster.core.state import (
     snapshot_point,
 )
 from cluster.errors import LocalProtocolError, RemoteProtocolError, StaleEpoch
-from cluster.types import NodeId
+from cluster.types import Entry, NodeId
 from cluster.wire.messages import Ack, Append, Sync
 
 
@@ -134,20 +134,23 @@ class SlaveCore:
         self._adopt(epoch, out)
         last = self.log.last_index
         if match < last:
+            # nothing changes here before the shell has made the cut durable (advance)
             if match < self.snapshot_index:
-                removed = self.log.truncate_after(self.log.base)
-                self.load(Recovered(self._epoch, NO_SNAPSHOT, KV(), []))
                 out.wipe = True
-                out.truncate = Truncate(0, tuple(removed))
+                out.truncate = Truncate(0, tuple(self._entries_after(self.log.base)))
                 out.resync = True
                 self._step(LinkEvent.RESYNC)
                 return out
-            out.truncate = Truncate(match, tuple(self.log.truncate_after(match)))
+            out.truncate = Truncate(match, tuple(self._entries_after(match)))
         self._step(LinkEvent.REPLY_SNAPSHOT if snapshot else LinkEvent.REPLY)
         self.syncs += 1
         if not snapshot and out.truncate is None:
             out.messages.append(self.ack())
         return out
+
+    def _entries_after(self, index: int) -> list[Entry]:
+        """The entries a cut after ``index`` removes (all in memory: ``index >= base``)."""
+        return self.log.slice(index + 1, self.log.last_index - index)
 
     # --- the stream --------------------------------------------------------------------------
 
@@ -198,8 +201,11 @@ class SlaveCore:
         """The shell carried out ``ready``: apply the persisted entries; after a cut, the map
         is rebuilt from the snapshot's ``snapshot_data`` and the cut log is durable."""
         out = Ready()
-        if ready.truncate is not None and not ready.wipe:
+        if ready.wipe:
+            self.load(Recovered(self._epoch, NO_SNAPSHOT, KV(), []))
+        elif ready.truncate is not None:
             assert snapshot_data is not None, "a cut log needs the snapshot to rebuild the map"
+            self.log.truncate_after(ready.truncate.index)
             self.kv = rebuild_kv(self.log, self.snapshot_index, snapshot_data)
             self._durable = self.log.last_index
             if self.state is LinkState.STREAMING:

@@ -64,6 +64,7 @@ class MasterRole:
             batch_bytes=cfg.limits.max_frame // 2,
         )
         self._links: dict[NodeId, Link] = {}
+        self._closing = False  # aclose() began: no new writes or slaves
         self._chunk_size = min(1024 * 1024, cfg.limits.max_frame // 2)
 
     def master_hint(self) -> str:
@@ -78,6 +79,10 @@ class MasterRole:
 
     def write(self, msg: Set | Delete, client: FramedStream) -> ErrorReply | None:
         """Append and apply now; the reply goes out once the acks level is met."""
+        if self._closing:
+            return ErrorReply(msg.id, ShuttingDown.code,
+                              "the master is stepping down; the write was not applied",
+                              applied="no")
         value = msg.value if isinstance(msg, Set) else None
         op = Op.SET if isinstance(msg, Set) else Op.DELETE
         ready = self.core.propose(client, msg.id, op, msg.key, value, msg.acks,
@@ -110,6 +115,9 @@ class MasterRole:
 
     async def replicate(self, stream: FramedStream, msg: Sync) -> None:
         """Serve one slave's replication connection until it closes or goes silent."""
+        if self._closing:
+            stream.send(ErrorReply(msg.id, ShuttingDown.code, "the master is stepping down"))
+            return
         now = self.node.now_ms()
         try:
             plan = self.core.on_sync(msg, now)
@@ -121,10 +129,10 @@ class MasterRole:
             return
         node = NodeId(msg.node)
         old = self._links.get(node)
+        link = Link(node, stream)
+        self._links[node] = link  # first: the old link's end must not mark the slave down
         if old is not None:
             await old.stream.close()
-        link = Link(node, stream)
-        self._links[node] = link
         log.info("slave %s connected from %s: last index %d, resuming after %d%s", node,
                  stream.peer, msg.last_index, plan.match,
                  " (snapshot first)" if plan.snapshot else "")
@@ -207,13 +215,15 @@ class MasterRole:
             self._deliver(ready)
 
     async def aclose(self) -> None:
-        """Fail every waiting writer (the role is over) and close the replication links."""
+        """The role is over: take no more writes or slaves, close the replication links,
+        then fail every waiting writer (nothing can be proposed after that)."""
+        self._closing = True
+        for link in list(self._links.values()):
+            await link.stream.close()
         self._deliver(self.core.close(ErrorReply(
             0, ShuttingDown.code,
             "the master stepped down or is shutting down before the write was confirmed; "
             "it may or may not have been applied")))
-        for link in list(self._links.values()):
-            await link.stream.close()
 
     def status(self) -> dict[str, Any]:
         return self.core.status(self.node.now_ms(), self.node.wall_ms())

@@ -238,7 +238,11 @@ class Node:
     # --- snapshots ----------------------------------------------------------------------------
 
     def maybe_snapshot(self, applied: int) -> None:
-        if self.store.snapshot_due(applied, self.config.snapshot_every) and not self._draining:
+        """Start a snapshot when one is due and none is being written (one at a time: the
+        store only marks itself busy once the task runs)."""
+        running = self._snapshot_task is not None and not self._snapshot_task.done()
+        if not running and not self._draining \
+                and self.store.snapshot_due(applied, self.config.snapshot_every):
             self._snapshot_task = self._tg.create_task(self._snapshot(), name="snapshot")
 
     async def settle_snapshot(self) -> None:

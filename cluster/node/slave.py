@@ -91,6 +91,7 @@ class SlaveRole:
         backoff = 0.0
         addr = self.node.config.cluster[self.master]
         while True:
+            self.core.progressed = False  # a session that never connects made no progress
             try:
                 await self._session(addr)
             except Resync:
@@ -194,6 +195,8 @@ class SlaveRole:
         store.snapshotting = True  # no local snapshot may read the map while it is replaced
         try:
             rec = await asyncio.to_thread(store.install_snapshot, received.path)
+        except CorruptLog as exc:  # what the master sent is damaged: this node is fine
+            raise RemoteProtocolError(f"the master's snapshot is damaged: {exc}") from exc
         finally:
             store.snapshotting = False
         ready = self.core.snapshot_installed(index, rec)

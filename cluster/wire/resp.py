@@ -189,8 +189,8 @@ class RequestDecoder:
                                         f"longer than {_MAX_HEADER - 2} bytes")
             return None
         text = bytes(buf[self._pos + 1:end])
-        digits = text[1:] if text.startswith(b"-") else text
-        if not digits.isdigit():
+        # digits, or -1 (a null); hiredis refuses other signed forms such as "-0"
+        if not (text.isdigit() or text == b"-1"):
             what = "multibulk" if kind == b"*" else "bulk"
             raise RespProtocolError(f"Protocol error: invalid {what} length {text!r}")
         self._pos = end + 2

@@ -845,7 +845,9 @@ def test_a_cut_below_the_local_snapshot_wipes_and_resyncs() -> None:
     assert ready.wipe and ready.resync and ready.epoch == 2
     assert ready.truncate is not None and [e.index for e in ready.truncate.removed] == [
         1, 2, 3, 4, 5]
-    assert (s.log.last_index, s.kv.data, s.snapshot_index, s.durable) == (0, {}, 0, 0)
+    assert s.log.last_index == 5  # nothing changes before the shell made the wipe durable
+    s.advance(ready)
+    assert (s.log.last_index, len(s.kv.data), s.snapshot_index, s.durable) == (0, 0, 0, 0)
     assert s.state is LinkState.IDLE
 
 
@@ -1006,3 +1008,40 @@ def test_memory_store_crash_loses_exactly_what_was_not_synced() -> None:
     store.append(es[2:])
     rec = store.crash()
     assert rec.entries == es[:2]
+
+
+def test_a_cut_that_fails_in_storage_changes_nothing() -> None:
+    """The core changes its log only once the shell has made the cut durable: a cut that
+    fails (a full disk while writing the rollback file) leaves the slave as it was, and
+    the next handshake cuts again instead of acknowledging entries it no longer holds."""
+
+    class FailingCut(MemoryStore):
+        fail = True
+
+        def truncate_after(self, index: int, removed: tuple[Entry, ...]) -> KV:
+            if self.fail:
+                self.fail = False
+                raise OSError(28, "No space left on device")
+            return super().truncate_after(index, removed)
+
+    old = [Entry(i, 1, 0, Op.SET, f"k{i}", "old") for i in range(1, 6)]
+    store = FailingCut()
+    store.append(old)
+    store.sync()
+    s = SlaveCore(SLAVES[0], Replica.recovered(store.crash()))
+
+    def carry(ready: Ready) -> Ready:
+        return carry_out(store, s, ready, wrote=lambda ix: None, reset=lambda ix: None)
+
+    s.connect(1)
+    with pytest.raises(OSError):
+        carry(s.on_sync_reply(2, 3, snapshot=False))
+    s.disconnected()
+    assert (s.log.last_index, s.kv.applied, s.durable) == (5, 5, 5)
+    s.connect(2)
+    ready = carry(s.on_sync_reply(2, 3, snapshot=False))  # the cut, again, and it works
+    assert ready.messages == [Ack(2, 3)]
+    assert [[e.index for e in cut] for cut in store.rollback] == [[4, 5]]
+    new = Entry(4, 2, 0, Op.SET, "k4", "new")
+    carry(s.on_append(Append(2, 3, 1, (new,), 4)))
+    assert s.kv.get("k4") == ("new", 4) and s.log.last_index == 4

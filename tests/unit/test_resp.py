@@ -359,3 +359,12 @@ def test_the_redis_port_must_differ_from_the_routers_own() -> None:
     RouterConfig(Address("127.0.0.1", 7000), cluster,
                  resp_listen=Address("127.0.0.1", 6379)).validate()
     RouterConfig(Address("127.0.0.1", 0), cluster, resp_listen=Address("127.0.0.1", 0)).validate()
+
+
+def test_a_signed_length_other_than_minus_one_is_a_protocol_error_not_a_crash() -> None:
+    """hiredis refuses "$-0"; the guard must refuse it first, as the decoder's own error."""
+    for bad in (b"$-0", b"$-2", b"*-0"):
+        dec = RequestDecoder(Limits())
+        with pytest.raises(RespProtocolError):
+            dec.feed(b"*2\r\n$3\r\nGET\r\n" + bad + b"\r\n\r\n" if bad[:1] == b"$"
+                     else bad + b"\r\n")
