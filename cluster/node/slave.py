@@ -194,7 +194,7 @@ class SlaveRole:
         store = self.node.store
         store.snapshotting = True  # no local snapshot may read the map while it is replaced
         try:
-            rec = await asyncio.to_thread(store.install_snapshot, received.path)
+            rec = await asyncio.to_thread(store.install_snapshot, received.path, index)
         except CorruptLog as exc:  # what the master sent is damaged: this node is fine
             raise RemoteProtocolError(f"the master's snapshot is damaged: {exc}") from exc
         finally:

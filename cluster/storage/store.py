@@ -182,10 +182,14 @@ class Store:
     def abort_snapshot(self) -> None:
         self.snapshotting = False
 
-    def install_snapshot(self, raw_path: Path) -> Recovered:
-        """Replace all state with a snapshot received from the master (already verified
-        and fsynced at ``raw_path``)."""
+    def install_snapshot(self, raw_path: Path, expect_index: int | None = None) -> Recovered:
+        """Replace all state with a snapshot received from the master (fsynced at
+        ``raw_path``). It is verified first, and nothing changes when it is damaged or
+        covers another index than ``expect_index`` (what the master announced)."""
         meta, data = read_snapshot(raw_path)
+        if expect_index is not None and meta.index != expect_index:
+            raise CorruptLog(f"the snapshot received covers index {meta.index}, not the "
+                             f"{expect_index} announced")
         os.replace(raw_path, self.snapshot_path)
         fsync_dir(self.directory)
         self.wal.reset(meta.index + 1)

@@ -981,3 +981,19 @@ def test_an_upgraded_node_recovers_from_a_version_1_data_directory(tmp_path: Pat
     store = reopen(store)
     assert state(store) == before
     store.close()
+
+
+def test_store_install_of_a_snapshot_of_another_index_changes_nothing(tmp_path: Path) -> None:
+    """A snapshot whose header names another index than the master announced is refused
+    before it replaces anything."""
+    store = Opened.open(tmp_path / "n2", "n2")
+    write(store, puts(1, 3))
+    received = tmp_path / "n2" / "snapshot.recv"
+    write_snapshot(received, META, DATA)
+    before = state(store)
+    with pytest.raises(CorruptLog, match=f"covers index {META.index}, not the 7"):
+        store.files.install_snapshot(received, expect_index=7)
+    assert state(store) == before and not store.snapshot_path.exists()
+    store = reopen(store)
+    assert state(store) == before
+    store.close()
